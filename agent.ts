@@ -990,7 +990,7 @@ export function anthropicModel(config: Config): Model {
     apiKey: config.apiKey,
     authToken: config.authToken,
     baseURL: config.baseURL ?? undefined,
-    maxRetries: 4, // 429, 529 and 5xx answers are retried with backoff by the SDK
+    maxRetries: 3, // 429, 529 and 5xx answers are retried with backoff by the SDK
   });
   return {
     name: config.model,
@@ -1040,7 +1040,7 @@ export class ScriptedModel implements Model {
 
   async createMessage(request: ModelRequest, { signal, onText }: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply> {
     if (this.options.recordRequests !== false) this.requests.push(structuredClone(request));
-    if (this.options.thinkMs) await untilAborted(sleep(this.options.thinkMs), signal);
+    if (this.options.thinkMs) await sleep(this.options.thinkMs, signal);
     const step = this.steps.shift();
     if (!step) throw new Error("the scripted model has no more steps");
     const reply = typeof step === "function" ? await step(request) : step;
@@ -1049,8 +1049,20 @@ export class ScriptedModel implements Model {
   }
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+/** Waits `ms`, or rejects with InterruptedError as soon as the signal aborts (the timer is cleared). */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new InterruptedError());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new InterruptedError());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
 }
 
 /** The tutorial's "try it" prompts, played by the offline demo. */
@@ -1074,7 +1086,7 @@ export class DemoModel implements Model {
   async createMessage(request: ModelRequest, { signal, onText }: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply> {
     const lastUserText = textOf(request.messages.at(-1)!).filter((t) => !t.startsWith("<background-results>")).join("\n");
     const think = lastUserText.match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
-    await untilAborted(sleep(think ? Number(think[1]) * 1000 : this.thinkMs), signal);
+    await sleep(think ? Number(think[1]) * 1000 : this.thinkMs, signal);
     const reply = demoReply(request);
     for (const block of reply.content) if (block.type === "text") onText?.(block.text);
     return reply;
