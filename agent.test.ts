@@ -17,7 +17,7 @@ import {
   BackgroundManager,
   cleanOutput,
   colorsFor,
-  describeApiError,
+  ApiError,
   InterruptedError,
   KEEP_OUTPUT_OF_FINISHED,
   loadDotEnv,
@@ -200,8 +200,8 @@ async function startFakeApi(answer: (body: { messages: Anthropic.MessageParam[] 
   };
 }
 
-function apiModel(url: string) {
-  return anthropicModel({ ...readConfig({}), apiKey: "test-key", baseURL: url });
+async function apiModel(url: string) {
+  return await anthropicModel({ ...readConfig({}), apiKey: "test-key", baseURL: url });
 }
 
 /** Runs agent.ts as a real process under the runtime running these tests. */
@@ -760,7 +760,7 @@ test("e2e: the agent completes a background-task conversation through the real S
     const streamed: string[] = [];
     const stats = { modelCalls: 0, inputTokens: 0, outputTokens: 0 };
     const final = await agentLoop([], "run it in the background", {
-      model: apiModel(api.url), background: bg, workdir: dir, waitForBackground: true, stats,
+      model: await apiModel(api.url), background: bg, workdir: dir, waitForBackground: true, stats,
       events: { onText: (delta) => streamed.push(delta) },
     });
     assert.deepEqual(api.rejected, []);
@@ -779,7 +779,7 @@ test("e2e: 429, 529 and 500 answers are retried by the SDK and the turn complete
   const failures = [{ status: 429, message: "slow down" }, { status: 529, message: "Overloaded" }, { status: 500, message: "oops" }];
   const api = await startFakeApi(() => failures.shift() ?? scriptedReply("Made it."));
   try {
-    const final = await agentLoop([], "hi", { model: apiModel(api.url), background: new BackgroundManager(dir), workdir: dir });
+    const final = await agentLoop([], "hi", { model: await apiModel(api.url), background: new BackgroundManager(dir), workdir: dir });
     assert.equal(final, "Made it.");
     assert.equal(api.requests.length, 4);
   } finally {
@@ -799,11 +799,12 @@ test("e2e: an API that keeps failing ends the turn with one readable line; the n
   try {
     const history: Anthropic.MessageParam[] = [];
     const bg = new BackgroundManager(dir);
-    const error = await agentLoop(history, "first", { model: apiModel(api.url), background: bg, workdir: dir }).catch((e) => e);
-    assert.equal(describeApiError(error), "API error 500: Internal server error");
+    const error = await agentLoop(history, "first", { model: await apiModel(api.url), background: bg, workdir: dir }).catch((e) => e);
+    assert.ok(error instanceof ApiError);
+    assert.equal(error.message, "API error 500: Internal server error");
     assert.equal(messagesProblem(history), null);
     healthy = true;
-    assert.equal(await agentLoop(history, "second", { model: apiModel(api.url), background: bg, workdir: dir }), "Back.");
+    assert.equal(await agentLoop(history, "second", { model: await apiModel(api.url), background: bg, workdir: dir }), "Back.");
     assert.deepEqual(api.rejected, []);
   } finally {
     await api.close();
@@ -818,7 +819,7 @@ test("e2e: a tool_use cut off by max_tokens in the stream is not run and the nex
       : scriptedReply("Understood.")
   );
   try {
-    const final = await agentLoop([], "write", { model: apiModel(api.url), background: new BackgroundManager(dir), workdir: dir });
+    const final = await agentLoop([], "write", { model: await apiModel(api.url), background: new BackgroundManager(dir), workdir: dir });
     assert.equal(final, "Understood.");
     assert.equal(fs.existsSync(path.join(dir, "cut.txt")), false);
     assert.deepEqual(api.rejected, []);

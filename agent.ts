@@ -13,7 +13,7 @@
  * Run it:  npx tsx agent.ts        or   deno run -A agent.ts
  * Import it: every section exports its pieces; tests and bench.ts use them directly.
  */
-import Anthropic from "@anthropic-ai/sdk";
+import type Anthropic from "@anthropic-ai/sdk";
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
@@ -985,41 +985,47 @@ function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> 
 // streams through the SDK; the scripted one follows a script, offline.
 // ---------------------------------------------------------------------------
 
-export function anthropicModel(config: Config): Model {
+/** An API failure, already put in one readable line (status and the API's own message). */
+export class ApiError extends Error {}
+
+/** The real model. The SDK is loaded only here, so --help and the offline demo start faster. */
+export async function anthropicModel(config: Config): Promise<Model> {
+  const { default: Anthropic } = await import("@anthropic-ai/sdk");
   const client = new Anthropic({
     apiKey: config.apiKey,
     authToken: config.authToken,
     baseURL: config.baseURL ?? undefined,
     maxRetries: 3, // 429, 529 and 5xx answers are retried with backoff by the SDK
   });
+  const describe = (err: unknown): string => {
+    if (err instanceof Anthropic.APIConnectionError) return `cannot reach the API: ${err.message}`;
+    if (err instanceof Anthropic.APIError) return `API error${err.status ? ` ${err.status}` : ""}: ${err.apiMessage ?? err.message}`;
+    return err instanceof Error ? err.message : String(err);
+  };
   return {
     name: config.model,
     async createMessage(request, { signal, onText }) {
-      const stream = client.messages.stream({ model: config.model, ...request }, { signal });
-      if (onText) stream.on("text", (delta) => onText(delta));
-      const message = await stream.finalMessage();
-      return {
-        content: message.content.flatMap((block): ReplyBlock[] =>
-          block.type === "text"
-            ? [{ type: "text", text: block.text }]
-            : block.type === "tool_use"
-            ? [{ type: "tool_use", id: block.id, name: block.name, input: block.input }]
-            : []
-        ),
-        stop_reason: message.stop_reason,
-        usage: { input_tokens: message.usage.input_tokens, output_tokens: message.usage.output_tokens },
-      };
+      try {
+        const stream = client.messages.stream({ model: config.model, ...request }, { signal });
+        if (onText) stream.on("text", (delta) => onText(delta));
+        const message = await stream.finalMessage();
+        return {
+          content: message.content.flatMap((block): ReplyBlock[] =>
+            block.type === "text"
+              ? [{ type: "text", text: block.text }]
+              : block.type === "tool_use"
+              ? [{ type: "tool_use", id: block.id, name: block.name, input: block.input }]
+              : []
+          ),
+          stop_reason: message.stop_reason,
+          usage: { input_tokens: message.usage.input_tokens, output_tokens: message.usage.output_tokens },
+        };
+      } catch (err) {
+        if (signal?.aborted) throw new InterruptedError();
+        throw new ApiError(describe(err));
+      }
     },
   };
-}
-
-/** One line for an API failure: status and the API's own message, no stack trace. */
-export function describeApiError(err: unknown): string {
-  if (err instanceof Anthropic.APIConnectionError) return `cannot reach the API: ${err.message}`;
-  if (err instanceof Anthropic.APIError) {
-    return `API error${err.status ? ` ${err.status}` : ""}: ${err.apiMessage ?? err.message}`;
-  }
-  return err instanceof Error ? err.message : String(err);
 }
 
 export type ScriptStep = ModelReply | ((request: ModelRequest) => ModelReply | Promise<ModelReply>);
@@ -1338,7 +1344,7 @@ async function runOneShot(session: Session, prompt: string, json: boolean): Prom
     });
   } catch (err) {
     stderr.stopSpinner();
-    process.stderr.write(`error: ${describeApiError(err)}\n`);
+    process.stderr.write(`error: ${(err as Error).message}\n`);
     return exitCleanly(session, 1);
   }
   if (json) {
@@ -1413,7 +1419,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
       if (!out.atLineStart) out.write("\n");
     } catch (err) {
       out.stopSpinner();
-      out.line(err instanceof InterruptedError ? c.yellow("(interrupted)") : c.red(`error: ${describeApiError(err)}`));
+      out.line(err instanceof InterruptedError ? c.yellow("(interrupted)") : c.red(`error: ${(err as Error).message}`));
     } finally {
       turn = null;
     }
@@ -1494,7 +1500,7 @@ export async function main(args: string[]): Promise<void> {
   }
   const session: Session = {
     config,
-    model: useDemo ? new DemoModel() : anthropicModel(config),
+    model: useDemo ? new DemoModel() : await anthropicModel(config),
     background: new BackgroundManager(config.workdir),
     history: [],
     stats: { modelCalls: 0, inputTokens: 0, outputTokens: 0 },
