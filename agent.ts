@@ -102,6 +102,8 @@ export const KILL_GRACE_MS = 1000;
 
 export type TaskStatus = "running" | "completed" | "failed" | "timeout" | "killed" | "error";
 
+const EMPTY_CHUNK = Buffer.alloc(0);
+
 /** Keeps the first and last bytes of a stream and counts what fell in between. */
 export class OutputBuffer {
   private head: Buffer[] = [];
@@ -130,7 +132,7 @@ export class OutputBuffer {
       const excess = this.tailBytes - this.tailLimit;
       const oldest = this.tail[this.tailStart];
       if (oldest.length <= excess) {
-        this.tailStart++;
+        this.tail[this.tailStart++] = EMPTY_CHUNK; // release the chunk now, not at the next compaction
         this.tailBytes -= oldest.length;
         this.droppedBytes += oldest.length;
       } else {
