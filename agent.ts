@@ -881,6 +881,9 @@ export function appendUserText(history: Anthropic.MessageParam[], text: string):
   }
 }
 
+/** Left in the history when the user stops a turn, so the model knows why it was cut short. */
+export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
+
 export class InterruptedError extends Error {
   constructor() {
     super("interrupted");
@@ -958,7 +961,7 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
     }
   } catch (err) {
     if (signal?.aborted) {
-      appendUserText(history, "[The user interrupted this turn.]");
+      appendUserText(history, INTERRUPTED_NOTE);
       throw new InterruptedError();
     }
     throw err;
@@ -1092,8 +1095,7 @@ export class DemoModel implements Model {
   constructor(private thinkMs = 400) {}
 
   async createMessage(request: ModelRequest, { signal, onText }: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply> {
-    const lastUserText = textOf(request.messages.at(-1)!).filter((t) => !t.startsWith("<background-results>")).join("\n");
-    const think = lastUserText.match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
+    const think = latestUserWords(request.messages.at(-1)!).match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
     await sleep(think ? Number(think[1]) * 1000 : this.thinkMs, signal);
     const reply = demoReply(request);
     for (const block of reply.content) if (block.type === "text") onText?.(block.text);
@@ -1106,11 +1108,17 @@ function textOf(message: Anthropic.MessageParam): string[] {
   return message.content.flatMap((b) => (b.type === "text" ? [b.text] : []));
 }
 
+/** The user's newest words in a message, leaving out what the harness added. */
+function latestUserWords(message: Anthropic.MessageParam): string {
+  const own = textOf(message).filter((t) => !t.startsWith("<background-results>") && t !== INTERRUPTED_NOTE);
+  return (own.at(-1) ?? "").trim();
+}
+
 function demoReply(request: ModelRequest): ModelReply {
   const last = request.messages.at(-1)!;
   const texts = textOf(last);
   const backgroundText = texts.filter((t) => t.startsWith("<background-results>")).join("\n");
-  const userText = texts.filter((t) => !t.startsWith("<background-results>") && !t.startsWith("[The user")).join("\n").trim();
+  const userText = latestUserWords(last);
   const previous = request.messages.at(-2);
   const calledTools = previous?.role === "assistant" && Array.isArray(previous.content)
     ? previous.content.flatMap((b) => (b.type === "tool_use" ? [b.name] : []))
@@ -1326,6 +1334,7 @@ interface Session {
 
 /** Ends every process the agent started, then exits. Used on every way out. */
 async function exitCleanly(session: Session | null, code: number): Promise<never> {
+  if (session) session.background.onTaskEnd = null; // tasks killed now wake nothing and print nothing
   await Promise.race([
     Promise.all([session?.background.shutdown(), ShellProcess.killAll()]),
     sleep(KILL_GRACE_MS + 1000),
@@ -1434,7 +1443,13 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
       const line = queuedLines.shift();
       wakeRequested = false;
       if (line === undefined) {
-        if (background.hasNotifications()) await runTurn(null);
+        if (!background.hasNotifications()) continue;
+        if (interactive) { // the woken turn's output replaces the empty prompt line
+          readline.clearLine(process.stdout, 0);
+          readline.cursorTo(process.stdout, 0);
+          out.atLineStart = true;
+        }
+        await runTurn(null);
         continue;
       }
       const query = line.trim();
@@ -1450,6 +1465,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
 
   rl.on("line", (line) => {
     ctrlCPressedOnce = false;
+    out.atLineStart = true; // Enter moved the cursor to a new line
     queuedLines.push(line);
     processQueue();
   });

@@ -326,7 +326,7 @@ function printTable(): void {
     row.target,
     row.met === undefined ? "" : row.met ? "yes" : "NO",
   ]);
-  console.log(`\nbench.ts on ${runtime} ${isDeno ? "" : process.version}, ${os.cpus().length} cores, ${new Date().toISOString().slice(0, 10)}${quick ? ", --quick" : ""}\n`);
+  console.log(`\nbench.ts on ${runtime} ${isDeno ? (globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno : process.version}, ${os.cpus().length} cores, ${new Date().toISOString().slice(0, 10)}${quick ? ", --quick" : ""}\n`);
   console.log(`| ${header.join(" | ")} |`);
   console.log(`|${header.map(() => "---").join("|")}|`);
   for (const line of body) console.log(`| ${line.join(" | ")} |`);
