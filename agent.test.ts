@@ -1,7 +1,7 @@
 // Tests for agent.ts, run under Node (node --import tsx --test) and Deno (deno test -A).
 // They wait for events (a process ending, a file appearing, a request arriving), never for a fixed time.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as http from "node:http";
 import type { AddressInfo } from "node:net";
@@ -137,13 +137,15 @@ interface FakeApi {
 }
 type FakeAnswer = ModelReply | { status: number; message: string };
 
-async function startFakeApi(answer: (body: { messages: Anthropic.MessageParam[] }, index: number) => FakeAnswer): Promise<FakeApi> {
+async function startFakeApi(
+  answer: (body: { messages: Anthropic.MessageParam[] }, index: number) => FakeAnswer | Promise<FakeAnswer>,
+): Promise<FakeApi> {
   const requests: FakeApi["requests"] = [];
   const rejected: string[] = [];
   const server = http.createServer((req, res) => {
     let raw = "";
     req.on("data", (chunk) => (raw += chunk));
-    req.on("end", () => {
+    req.on("end", async () => {
       const sendError = (status: number, type: string, message: string) => {
         res.writeHead(status, { "content-type": "application/json", "retry-after-ms": "1" });
         res.end(JSON.stringify({ type: "error", error: { type, message } }));
@@ -160,7 +162,7 @@ async function startFakeApi(answer: (body: { messages: Anthropic.MessageParam[] 
         return sendError(400, "invalid_request_error", problem);
       }
       requests.push(body);
-      const reply = answer(body, requests.length - 1);
+      const reply = await answer(body, requests.length - 1);
       if ("status" in reply) {
         return sendError(reply.status, reply.status === 529 ? "overloaded_error" : reply.status === 429 ? "rate_limit_error" : "api_error", reply.message);
       }
@@ -222,6 +224,30 @@ function startAgent(args: string[], options: { cwd: string; env?: Record<string,
     child.on("close", (code, signal) => resolve({ code, signal, stdout, stderr }))
   );
   return { child, exited, output: () => stdout + stderr };
+}
+
+const stripAnsi = (text: string) => text.replace(/\x1b\[[0-?]*[ -\/]*[@-~]/g, "");
+const hasScript = spawnSync("script", ["--version"]).status === 0;
+
+/** Runs agent.ts in a real terminal (a pty made by util-linux `script`), typing as a user would. */
+function startAgentInTerminal(args: string[], options: { cwd: string; env: Record<string, string> }) {
+  const runtimeArgs = isDeno
+    ? ["run", "-A", "--config", path.join(repoDir, "deno.json"), path.join(repoDir, "agent.ts")]
+    : ["--import", import.meta.resolve("tsx"), path.join(repoDir, "agent.ts")];
+  const quote = (word: string) => `'${word.replace(/'/g, "'\\''")}'`;
+  const inner = [process.execPath, ...runtimeArgs, ...args].map(quote).join(" ");
+  const env: Record<string, string> = { ...process.env as Record<string, string>, ...options.env, TERM: "xterm" };
+  delete env.NO_COLOR;
+  const child = spawn("script", ["-qfec", inner, "/dev/null"], { cwd: options.cwd, env, stdio: ["pipe", "pipe", "pipe"] });
+  let screen = "";
+  child.stdout.on("data", (chunk) => (screen += chunk));
+  const exited = new Promise<number | null>((resolve) => child.on("close", (code) => resolve(code)));
+  return {
+    type: (keys: string) => child.stdin.write(keys),
+    screen: () => stripAnsi(screen),
+    count: (text: string) => stripAnsi(screen).split(text).length - 1,
+    exited,
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -911,6 +937,88 @@ test("cli: piped REPL answers one query a line, runs slash commands locally, and
     assert.equal(api.requests.length, 2, "slash commands and blank lines make no model call");
     assert.equal(messagesProblem(api.requests[1].messages), null);
     assert.doesNotMatch(stdout, /\x1b/);
+  } finally {
+    await api.close();
+  }
+});
+
+test("cli: in the REPL an API that keeps failing gives one line, and the next query works on a valid history", async () => {
+  const dir = tempWorkspace();
+  let calls = 0;
+  const api = await startFakeApi(() => (++calls <= 4 ? { status: 529, message: "Overloaded" } : scriptedReply("Recovered.")));
+  try {
+    const agent = startAgent([], { cwd: dir, env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url } });
+    agent.child.stdin.end("first\nsecond\n");
+    const { code, stdout } = await agent.exited;
+    assert.equal(code, 0, agent.output());
+    assert.match(stdout, /^error: API error 529: Overloaded\nRecovered\.\n$/);
+    assert.deepEqual(api.rejected, []);
+    assert.equal(messagesProblem(api.requests.at(-1)!.messages), null);
+  } finally {
+    await api.close();
+  }
+});
+
+test("repl in a terminal: Ctrl-C stops a model wait and a blocking command, the history stays valid, Ctrl-C twice quits", { skip: !hasScript && "needs util-linux script" }, async () => {
+  const dir = tempWorkspace();
+  const api = await startFakeApi((_body, index) => {
+    if (index === 0) return new Promise<FakeAnswer>(() => {}); // a model that never answers
+    if (index === 1) return scriptedReply({ tool: "bash", input: { command: "echo $$ > block.pid; sleep 300" } });
+    return scriptedReply("All good.");
+  });
+  try {
+    const agent = startAgentInTerminal([], { cwd: dir, env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url } });
+    await eventually(() => agent.screen().includes("s08 >> "), "the prompt");
+    agent.type("slow question\r");
+    await eventually(() => api.requests.length === 1, "the model call");
+    agent.type("\x03");
+    await eventually(() => agent.count("(interrupted)") === 1, "the first interruption");
+    agent.type("block please\r");
+    await eventually(() => fs.existsSync(path.join(dir, "block.pid")) && fs.readFileSync(path.join(dir, "block.pid"), "utf8").endsWith("\n"), "the blocking command");
+    const group = readPid(path.join(dir, "block.pid"));
+    agent.type("\x03");
+    await eventually(() => agent.count("(interrupted)") === 2, "the second interruption");
+    await eventually(() => groupMembers(group).length === 0, "the blocking command's group to end", 3);
+    agent.type("after\r");
+    await eventually(() => agent.screen().includes("All good."), "the next answer");
+    assert.deepEqual(api.rejected, []);
+    assert.match(JSON.stringify(api.requests[2].messages), /interrupted: its process group was killed/);
+    agent.type("\x03");
+    await eventually(() => agent.screen().includes("(Ctrl-C again, or type exit, to quit)"), "the quit hint");
+    agent.type("\x03");
+    assert.equal(await agent.exited, 130);
+  } finally {
+    await api.close();
+  }
+});
+
+test("repl in a terminal: a task ending while the user types shows a notice and keeps the typed text; an idle prompt wakes the model", { skip: !hasScript && "needs util-linux script" }, async () => {
+  const dir = tempWorkspace();
+  const api = await startFakeApi((body, index) => {
+    const last = JSON.stringify(body.messages.at(-1));
+    if (index === 0) return scriptedReply({ tool: "background_run", input: { command: "while [ ! -f go ]; do sleep 0.02; done; echo first-done" } });
+    if (index === 1) return scriptedReply("Started.");
+    if (last.includes("first-done") && last.includes("half typed line")) return scriptedReply("Saw first-done with your line.", { tool: "background_run", input: { command: "echo second-done" } });
+    if (last.includes("tool_result")) return scriptedReply("Second started.");
+    if (last.includes("second-done")) return scriptedReply("Woken: second-done.");
+    return scriptedReply(`unexpected: ${last}`);
+  });
+  try {
+    const agent = startAgentInTerminal([], { cwd: dir, env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url } });
+    await eventually(() => agent.screen().includes("s08 >> "), "the prompt");
+    agent.type("start it\r");
+    await eventually(() => agent.screen().includes("s08 [1 running] >> "), "the running-count prompt");
+    agent.type("half typed line");
+    await eventually(() => agent.screen().endsWith("half typed line"), "the typed text");
+    fs.writeFileSync(path.join(dir, "go"), "");
+    await eventually(() => /\[bg:\w{8}\] completed \(exit 0, [\d.]+s\) while/.test(agent.screen()), "the live notice");
+    await eventually(() => agent.screen().endsWith("s08 >> half typed line"), "the prompt redrawn with the typed text");
+    assert.equal(api.requests.length, 2, "no wake while the user is typing");
+    agent.type("\r");
+    await eventually(() => agent.screen().includes("Woken: second-done."), "the woken turn");
+    assert.deepEqual(api.rejected, []);
+    agent.type("exit\r");
+    assert.equal(await agent.exited, 0);
   } finally {
     await api.close();
   }

@@ -1305,6 +1305,7 @@ class Printer {
 /** What the user sees of a turn: streamed text, one line per tool call, dimmed previews. */
 function loopEventsFor(text: Printer, progress: Printer): LoopEvents {
   const c = progress.color;
+  const width = Math.min(120, (progress.stream.columns || 100) - 4); // one screen line each
   return {
     onModelCall: () => {
       if (!text.atLineStart) text.write("\n"); // each reply starts on its own line
@@ -1315,10 +1316,10 @@ function loopEventsFor(text: Printer, progress: Printer): LoopEvents {
       progress.stopSpinner();
       const fields = (input ?? {}) as Record<string, unknown>;
       const detail = fields.command ?? fields.path ?? fields.task_id ?? "";
-      progress.line(c.cyan(`> ${name}${detail !== "" ? `: ${preview(String(detail), 100)}` : ""}`));
+      progress.line(c.cyan(`> ${name}${detail !== "" ? `: ${preview(String(detail), width - name.length - 4)}` : ""}`));
     },
     onToolResult: (_name, outcome) => {
-      const shown = preview(outcome.content, 120);
+      const shown = preview(outcome.content, width - 2);
       progress.line(outcome.isError ? c.red(`  ${shown}`) : c.dim(`  ${shown}`));
     },
   };

@@ -293,11 +293,19 @@ async function loopOverhead(): Promise<void> {
 }
 
 // 7. Start-up --------------------------------------------------------------------
+/** The deno binary itself (node_modules/.bin/deno may be a Node launcher script in front of it). */
+function denoBinary(): string {
+  if (isDeno) return process.execPath;
+  const launcher = path.join(repoDir, "node_modules/.bin/deno");
+  const asked = spawnSync(launcher, ["eval", "console.log(Deno.execPath())"], { encoding: "utf8" });
+  return asked.status === 0 ? asked.stdout.trim() : launcher;
+}
+
 function startup(): void {
   const repeats = quick ? 1 : 5;
   const commands: Array<[string, string[]]> = [
     ["tsx", [path.join(repoDir, "node_modules/.bin/tsx"), "agent.ts", "--help"]],
-    ["deno", [isDeno ? process.execPath : path.join(repoDir, "node_modules/.bin/deno"), "run", "-A", "agent.ts", "--help"]],
+    ["deno", [denoBinary(), "run", "-A", "agent.ts", "--help"]],
   ];
   for (const [name, [command, ...args]] of commands) {
     const times: number[] = [];
