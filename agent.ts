@@ -99,6 +99,8 @@ export const OUTPUT_HEAD_BYTES = 25_000;
 export const OUTPUT_TAIL_BYTES = 25_000;
 /** How long a process group gets between SIGTERM and SIGKILL. */
 export const KILL_GRACE_MS = 1000;
+/** How long output may still arrive after the shell has exited. */
+export const PIPE_GRACE_MS = 1000;
 
 export type TaskStatus = "running" | "completed" | "failed" | "timeout" | "killed" | "error";
 
@@ -211,6 +213,7 @@ export class ShellProcess {
   private endReason: "timeout" | "killed" | null = null;
   private timeoutTimer: ReturnType<typeof setTimeout> | null = null;
   private graceTimer: ReturnType<typeof setTimeout> | null = null;
+  private pipeTimer: ReturnType<typeof setTimeout> | null = null;
 
   constructor(readonly command: string, readonly cwd: string, readonly timeoutSec: number) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -234,6 +237,12 @@ export class ShellProcess {
       this.signal = signal;
       // The shell is gone; whatever it left behind in its group would keep the pipes open.
       this.signalGroup("SIGKILL");
+      // A process that left the group (setsid, a daemon) may hold them open still: stop waiting for it.
+      this.pipeTimer = setTimeout(() => {
+        this.child?.stdout?.destroy();
+        this.child?.stderr?.destroy();
+      }, PIPE_GRACE_MS);
+      this.pipeTimer.unref();
     });
     this.child.on("close", () => this.finish(null));
     this.timeoutTimer = setTimeout(() => this.kill("timeout"), timeoutSec * 1000);
@@ -264,8 +273,11 @@ export class ShellProcess {
     if (pid === undefined) return;
     try {
       process.kill(-pid, signal); // negative pid: the whole process group
-    } catch {
-      // ESRCH: the group is already gone
+    } catch (err) {
+      // ESRCH: the group is already gone. Anything else (e.g. Deno without --allow-run) must not pass silently.
+      if ((err as NodeJS.ErrnoException).code !== "ESRCH") {
+        process.stderr.write(`warning: cannot signal process group ${pid}: ${(err as Error).message}\n`);
+      }
     }
   }
 
@@ -273,6 +285,7 @@ export class ShellProcess {
     if (this.status !== "running") return; // 'error' and 'close' may both arrive
     if (this.timeoutTimer) clearTimeout(this.timeoutTimer);
     if (this.graceTimer) clearTimeout(this.graceTimer);
+    if (this.pipeTimer) clearTimeout(this.pipeTimer);
     ShellProcess.live.delete(this);
     const exitedCleanly = this.exitCode === 0 && this.signal === null;
     this.status = startError !== null
@@ -332,6 +345,7 @@ export interface BackgroundTask {
   outputReleased: boolean;
   error: string | null;
   process: ShellProcess | null; // null once finished
+  ended: Promise<void>; // resolves once the task has finished and its notification is queued
 }
 
 export interface Notification {
@@ -372,11 +386,11 @@ export class BackgroundManager {
     const proc = new ShellProcess(command, this.workdir, timeoutSec);
     const task: BackgroundTask = {
       id, command, status: "running", exitCode: null, signal: null, startedAt: proc.startedAt, endedAt: null,
-      timeoutSec, output: null, outputReleased: false, error: null, process: proc,
+      timeoutSec, output: null, outputReleased: false, error: null, process: proc, ended: Promise.resolve(),
     };
+    task.ended = proc.done.then((result) => this.finishTask(task, result));
     this.tasks.set(id, task);
     this.running++;
-    proc.done.then((result) => this.finishTask(task, result));
     return id;
   }
 
@@ -414,21 +428,20 @@ export class BackgroundManager {
   async waitForTask(id: string, seconds: number): Promise<BackgroundTask> {
     const task = this.tasks.get(id);
     if (!task) throw new Error(`unknown task id: ${id}`);
-    if (task.process && seconds > 0) {
+    if (task.status === "running" && seconds > 0) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const deadline = new Promise<void>((resolve) => (timer = setTimeout(resolve, seconds * 1000)));
-      await Promise.race([task.process.done, deadline]);
+      await Promise.race([task.ended, deadline]);
       clearTimeout(timer);
-      await Promise.resolve(); // let finishTask, queued on the same promise, run first
     }
     return task;
   }
 
   /** Kills every running task and waits until they have ended. */
   async shutdown(): Promise<void> {
-    const running = [...this.tasks.values()].filter((t) => t.process);
-    for (const task of running) task.process!.kill("killed");
-    await Promise.all(running.map((t) => t.process?.done));
+    const running = [...this.tasks.values()].filter((t) => t.status === "running");
+    for (const task of running) task.process?.kill("killed");
+    await Promise.all(running.map((t) => t.ended));
   }
 
   private finishTask(task: BackgroundTask, result: ProcessResult): void {
@@ -527,7 +540,7 @@ export function resolveInWorkspace(workdir: string, requested: string): string {
 
 function isInside(root: string, candidate: string): boolean {
   const relative = path.relative(root, candidate);
-  return relative === "" || (!relative.startsWith("..") && !path.isAbsolute(relative));
+  return relative !== ".." && !relative.startsWith(`..${path.sep}`) && !path.isAbsolute(relative);
 }
 
 function checkCommand(command: string): void {
@@ -542,7 +555,7 @@ function timeoutFrom(input: Record<string, unknown>, fallback: number): number {
 }
 
 function formatProcessResult(result: ProcessResult, timeoutSec: number): string {
-  if (result.status === "error") return `Error: ${result.error}`;
+  if (result.status === "error") throw new ToolError(result.error!);
   const parts = [result.output.trim() || "(no output)"];
   if (result.status === "timeout") parts.push(`(timed out after ${timeoutSec}s; its process group was killed)`);
   else if (result.status === "killed") parts.push("(interrupted: its process group was killed)");
@@ -1311,7 +1324,10 @@ function loopEventsFor(text: Printer, progress: Printer): LoopEvents {
       if (!text.atLineStart) text.write("\n"); // each reply starts on its own line
       progress.startSpinner();
     },
-    onText: (delta) => text.write(delta),
+    onText: (delta) => {
+      progress.stopSpinner(); // the spinner may live on the other stream (stderr in one-shot mode)
+      text.write(delta);
+    },
     onToolCall: (name, input) => {
       progress.stopSpinner();
       const fields = (input ?? {}) as Record<string, unknown>;
