@@ -206,11 +206,13 @@ async function apiModel(url: string) {
   return await anthropicModel({ ...readConfig({}), apiKey: "test-key", baseURL: url });
 }
 
+/** How to run agent.ts under the runtime running these tests, from any folder. */
+const runtimeArgs = isDeno
+  ? ["run", "-A", "--config", path.join(repoDir, "deno.json"), path.join(repoDir, "agent.ts")]
+  : ["--import", import.meta.resolve("tsx"), path.join(repoDir, "agent.ts")];
+
 /** Runs agent.ts as a real process under the runtime running these tests. */
 function startAgent(args: string[], options: { cwd: string; env?: Record<string, string> }) {
-  const runtimeArgs = isDeno
-    ? ["run", "-A", "--config", path.join(repoDir, "deno.json"), path.join(repoDir, "agent.ts")]
-    : ["--import", import.meta.resolve("tsx"), path.join(repoDir, "agent.ts")];
   const env: Record<string, string> = { ...process.env as Record<string, string>, ...options.env };
   for (const key of ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "NO_COLOR"]) {
     if (!(options.env && key in options.env)) delete env[key];
@@ -231,9 +233,6 @@ const hasScript = spawnSync("script", ["--version"]).status === 0;
 
 /** Runs agent.ts in a real terminal (a pty made by util-linux `script`), typing as a user would. */
 function startAgentInTerminal(args: string[], options: { cwd: string; env: Record<string, string> }) {
-  const runtimeArgs = isDeno
-    ? ["run", "-A", "--config", path.join(repoDir, "deno.json"), path.join(repoDir, "agent.ts")]
-    : ["--import", import.meta.resolve("tsx"), path.join(repoDir, "agent.ts")];
   const quote = (word: string) => `'${word.replace(/'/g, "'\\''")}'`;
   const inner = [process.execPath, ...runtimeArgs, ...args].map(quote).join(" ");
   const env: Record<string, string> = { ...process.env as Record<string, string>, ...options.env, TERM: "xterm" };
@@ -590,7 +589,11 @@ test("files: read_file caps what it returns and says how to read further", async
   fs.writeFileSync(path.join(dir, "wide.txt"), ("x".repeat(999) + "\n").repeat(200));
   const wide = await runTool("read_file", { path: "wide.txt" }, ctx);
   assert.ok(wide.content.length < 51_000);
-  assert.match(wide.content, /more lines: read_file with offset=\d+\)$/);
+  assert.match(wide.content, /\n\.\.\. \(151 more lines: read_file with offset=51\)$/);
+  fs.writeFileSync(path.join(dir, "minified.js"), "y".repeat(80_000));
+  const minified = await runTool("read_file", { path: "minified.js" }, ctx);
+  assert.match(minified.content, /^y{50000} \.\.\. \(line 1 cut at 50000 characters\)$/);
+  assert.deepEqual(await runTool("read_file", { path: "long.txt", offset: 9000 }, ctx), { isError: true, content: "Error: offset 9000 is past the end of long.txt (5000 lines)" });
 });
 
 test("commands: bash reports a non-zero exit code, a timeout, and refuses the blocklist", async () => {

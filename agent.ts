@@ -583,18 +583,23 @@ function describeTask(task: BackgroundTask): string {
   return lines.join("\n");
 }
 
+/** bash and background_run take the same input: a command and an optional timeout. */
+function commandSchema(defaultTimeoutSec: number): ToolDefinition["input_schema"] {
+  return {
+    type: "object",
+    properties: {
+      command: { type: "string", description: "The shell command." },
+      timeout: { type: "integer", description: `Seconds before it is killed (default ${defaultTimeoutSec}).` },
+    },
+    required: ["command"],
+  };
+}
+
 export const TOOLS: ToolDefinition[] = [
   {
     name: "bash",
     description: "Run a quick shell command in the workspace and wait for it. Use background_run for anything slow.",
-    input_schema: {
-      type: "object",
-      properties: {
-        command: { type: "string", description: "The shell command." },
-        timeout: { type: "integer", description: `Seconds before it is killed (default ${DEFAULT_BASH_TIMEOUT_SEC}).` },
-      },
-      required: ["command"],
-    },
+    input_schema: commandSchema(DEFAULT_BASH_TIMEOUT_SEC),
     async run(input, context) {
       const command = input.command as string;
       checkCommand(command);
@@ -634,16 +639,21 @@ export const TOOLS: ToolDefinition[] = [
         throw new ToolError(`cannot read ${input.path}: ${(err as Error).message}`);
       }
       const lines = text.split("\n");
-      let shown = lines.slice(offset - 1, offset - 1 + limit).join("\n");
-      let lastLine = Math.min(lines.length, offset - 1 + limit);
-      if (shown.length > READ_LIMIT_CHARS) {
-        shown = shown.slice(0, READ_LIMIT_CHARS);
-        lastLine = offset - 1 + shown.split("\n").length - 1;
-        shown = shown.slice(0, shown.lastIndexOf("\n") + 1 || READ_LIMIT_CHARS);
+      const first = offset - 1;
+      if (first >= lines.length) throw new ToolError(`offset ${offset} is past the end of ${input.path} (${lines.length} lines)`);
+      // Whole lines, up to `limit` lines and READ_LIMIT_CHARS characters.
+      let end = first;
+      let chars = 0;
+      while (end < Math.min(lines.length, first + limit) && chars + lines[end].length + 1 <= READ_LIMIT_CHARS) {
+        chars += lines[end].length + 1;
+        end++;
       }
-      if (lastLine < lines.length) {
-        shown += `\n... (${lines.length - lastLine} more lines: read_file with offset=${lastLine + 1})`;
+      let shown = lines.slice(first, end).join("\n");
+      if (end === first) { // a single line longer than the cap (minified code, say)
+        shown = `${lines[first].slice(0, READ_LIMIT_CHARS)} ... (line ${offset} cut at ${READ_LIMIT_CHARS} characters)`;
+        end = first + 1;
       }
+      if (end < lines.length) shown += `\n... (${lines.length - end} more lines: read_file with offset=${end + 1})`;
       return shown;
     },
   },
@@ -698,14 +708,7 @@ export const TOOLS: ToolDefinition[] = [
     name: "background_run",
     description: "Start a long-running shell command in the background and return its task id at once. " +
       "You are told in a <background-results> block when it ends.",
-    input_schema: {
-      type: "object",
-      properties: {
-        command: { type: "string", description: "The shell command." },
-        timeout: { type: "integer", description: `Seconds before it is killed (default ${DEFAULT_BACKGROUND_TIMEOUT_SEC}).` },
-      },
-      required: ["command"],
-    },
+    input_schema: commandSchema(DEFAULT_BACKGROUND_TIMEOUT_SEC),
     run(input, context) {
       const command = input.command as string;
       checkCommand(command);
@@ -852,7 +855,6 @@ export interface LoopEvents {
   onText?: (delta: string) => void;
   onToolCall?: (name: string, input: unknown) => void;
   onToolResult?: (name: string, outcome: ToolOutcome) => void;
-  onBackgroundResults?: (notifications: Notification[]) => void;
 }
 
 export interface LoopStats {
@@ -924,7 +926,6 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
       const finished = background.drain();
       if (finished.length > 0) {
         appendUserText(history, formatBackgroundResults(finished));
-        events.onBackgroundResults?.(finished);
         needsModelCall = true;
       }
       if (!needsModelCall) {
@@ -1545,10 +1546,12 @@ export async function main(args: string[]): Promise<void> {
   process.on("exit", () => {
     for (const proc of ShellProcess.live) proc.killNow();
   });
-  process.on("uncaughtException", (err) => {
+  const crash = (err: unknown) => {
     process.stderr.write(`error: ${err instanceof Error ? err.message : String(err)}\n`);
     void exitCleanly(session, 1);
-  });
+  };
+  process.on("uncaughtException", crash);
+  process.on("unhandledRejection", crash);
   if (options.prompt !== null) {
     process.on("SIGINT", () => void exitCleanly(session, 130));
     await runOneShot(session, options.prompt, options.json);
