@@ -1294,8 +1294,13 @@ class Printer {
     this.stream.write(text);
     this.atLineStart = text.endsWith("\n");
   }
+  /** Finishes a partly written line, so what comes next starts at the left edge. */
+  endLine(): void {
+    if (!this.atLineStart) this.write("\n");
+  }
   line(text: string): void {
-    this.write((this.atLineStart ? "" : "\n") + text + "\n");
+    this.endLine();
+    this.write(text + "\n");
   }
   startSpinner(): void {
     if (this.quiet || !this.stream.isTTY || this.spinner) return;
@@ -1322,7 +1327,7 @@ function loopEventsFor(text: Printer, progress: Printer): LoopEvents {
   const width = Math.min(120, (progress.stream.columns || 100) - 4); // one screen line each
   return {
     onModelCall: () => {
-      if (!text.atLineStart) text.write("\n"); // each reply starts on its own line
+      text.endLine(); // each reply starts on its own line
       progress.startSpinner();
     },
     onText: (delta) => {
@@ -1331,6 +1336,7 @@ function loopEventsFor(text: Printer, progress: Printer): LoopEvents {
     },
     onToolCall: (name, input) => {
       progress.stopSpinner();
+      text.endLine(); // text and progress may be two streams on one terminal
       const fields = (input ?? {}) as Record<string, unknown>;
       const detail = fields.command ?? fields.path ?? fields.task_id ?? "";
       progress.line(c.cyan(`> ${name}${detail !== "" ? `: ${preview(String(detail), width - name.length - 4)}` : ""}`));
@@ -1364,7 +1370,10 @@ async function runOneShot(session: Session, prompt: string, json: boolean): Prom
   const stdout = new Printer(process.stdout, json);
   const stderr = new Printer(process.stderr, json);
   const events = loopEventsFor(stdout, stderr);
-  session.background.onTaskEnd = (task) => stderr.line(stderr.color.dim(formatNotice(task)));
+  session.background.onTaskEnd = (task) => {
+    stdout.endLine();
+    stderr.line(stderr.color.dim(formatNotice(task)));
+  };
   let finalText: string;
   try {
     finalText = await agentLoop(session.history, prompt, {
@@ -1385,7 +1394,7 @@ async function runOneShot(session: Session, prompt: string, json: boolean): Prom
       usage: { input_tokens: session.stats.inputTokens, output_tokens: session.stats.outputTokens },
       model_calls: session.stats.modelCalls,
     }) + "\n");
-  } else if (!stdout.atLineStart) stdout.write("\n");
+  } else stdout.endLine();
   return exitCleanly(session, 0);
 }
 
@@ -1445,7 +1454,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
         signal: turn.signal, events: loopEventsFor(out, out), stats: session.stats,
       });
       out.stopSpinner();
-      if (!out.atLineStart) out.write("\n");
+      out.endLine();
     } catch (err) {
       out.stopSpinner();
       out.line(err instanceof InterruptedError ? c.yellow("(interrupted)") : c.red(`error: ${(err as Error).message}`));
@@ -1508,7 +1517,7 @@ async function playDemo(session: Session): Promise<void> {
       waitForBackground: true, events: loopEventsFor(out, out), stats: session.stats,
     });
     out.stopSpinner();
-    if (!out.atLineStart) out.write("\n");
+    out.endLine();
   }
   out.line("");
   out.line(c.dim("[offline demo] done. Type a prompt for the scripted model, /help, or exit."));
