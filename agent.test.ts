@@ -1011,7 +1011,7 @@ test("repl in a terminal: Ctrl-C stops a model wait and a blocking command, the 
   }
 });
 
-test("repl in a terminal: a task ending while the user types shows a notice and keeps the typed text; an idle prompt wakes the model", { skip: !hasScript && "needs util-linux script" }, async () => {
+test("repl in a terminal: a task ending while the user types shows a notice and keeps the typed text; an idle prompt wakes the model; Ctrl-C in a woken turn keeps the history valid", { skip: !hasScript && "needs util-linux script" }, async () => {
   const dir = tempWorkspace();
   const api = await startFakeApi((body, index) => {
     const last = JSON.stringify(body.messages.at(-1));
@@ -1019,7 +1019,8 @@ test("repl in a terminal: a task ending while the user types shows a notice and 
     if (index === 1) return scriptedReply("Started.");
     if (last.includes("first-done") && last.includes("half typed line")) return scriptedReply("Saw first-done with your line.", { tool: "background_run", input: { command: "echo second-done" } });
     if (last.includes("tool_result")) return scriptedReply("Second started.");
-    if (last.includes("second-done")) return scriptedReply("Woken: second-done.");
+    if (last.includes("after the wake")) return scriptedReply("Fine after the interrupted wake.");
+    if (last.includes("second-done")) return new Promise<FakeAnswer>(() => {}); // the woken call hangs
     return scriptedReply(`unexpected: ${last}`);
   });
   try {
@@ -1034,7 +1035,11 @@ test("repl in a terminal: a task ending while the user types shows a notice and 
     await eventually(() => agent.screen().endsWith("s08 >> half typed line"), "the prompt redrawn with the typed text");
     assert.equal(api.requests.length, 2, "no wake while the user is typing");
     agent.type("\r");
-    await eventually(() => agent.screen().includes("Woken: second-done."), "the woken turn");
+    await eventually(() => api.requests.length === 5, "the woken model call");
+    agent.type("\x03"); // interrupt the woken turn
+    await eventually(() => agent.screen().includes("(interrupted)"), "the interruption");
+    agent.type("after the wake\r");
+    await eventually(() => agent.screen().includes("Fine after the interrupted wake."), "the next answer");
     assert.deepEqual(api.rejected, []);
     agent.type("exit\r");
     assert.equal(await agent.exited, 0);
