@@ -964,6 +964,26 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
   });
 }
 
+test("cli: SIGTERM in the REPL kills every process the agent started before it exits", async () => {
+  const dir = tempWorkspace();
+  const api = await startFakeApi((_body, index) =>
+    index === 0 ? scriptedReply({ tool: "background_run", input: { command: "echo $$ > group.pid; sleep 300" } }) : scriptedReply("Started.")
+  );
+  try {
+    const agent = startAgent([], { cwd: dir, env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url } });
+    agent.child.stdin.write("start a server\n"); // stdin stays open: the REPL keeps running
+    await eventually(() => fs.existsSync(path.join(dir, "group.pid")) && fs.readFileSync(path.join(dir, "group.pid"), "utf8").endsWith("\n"), "the task to start");
+    await eventually(() => agent.output().includes("Started."), "the turn to end");
+    const group = readPid(path.join(dir, "group.pid"));
+    agent.child.kill("SIGTERM");
+    const { code, signal } = await agent.exited;
+    assert.ok(code === 143 || (isDeno && signal === "SIGTERM"), `exit ${code} ${signal}`);
+    assert.deepEqual(groupMembers(group), [], "no process of the task's group is left");
+  } finally {
+    await api.close();
+  }
+});
+
 test("cli: piped REPL answers one query a line, runs slash commands locally, and EOF quits", async () => {
   const dir = tempWorkspace();
   const api = await startFakeApi((body) => {
