@@ -105,6 +105,9 @@ function messagesProblem(messages: Anthropic.MessageParam[]): string | null {
     if (message.content.length === 0) return `messages.${i}: content must be non-empty`;
     for (const block of message.content) {
       if (block.type === "text" && block.text.trim() === "") return `messages.${i}: text content blocks must contain non-whitespace text`;
+      if (block.type === "tool_use" && (typeof block.input !== "object" || block.input === null || Array.isArray(block.input))) {
+        return `messages.${i}: tool_use.input: Input should be a valid dictionary`;
+      }
     }
     const previous = messages[i - 1];
     const asked = previous && typeof previous.content !== "string"
@@ -884,7 +887,7 @@ test("e2e: a tool_use cut off by max_tokens in the stream is not run and the nex
   const dir = tempWorkspace();
   const api = await startFakeApi((_body, index) =>
     index === 0
-      ? { content: [{ type: "tool_use", id: "toolu_cut", name: "write_file", input: '{"path": "cut.txt", "cont' }], stop_reason: "max_tokens", usage: { input_tokens: 1, output_tokens: 1 } }
+      ? { content: [{ type: "tool_use", id: "toolu_cut", name: "write_file", input: '{"path": "cut.txt", "cont' }, { type: "tool_use", id: "toolu_cut2", name: "write_file", input: '{"pa' }], stop_reason: "max_tokens", usage: { input_tokens: 1, output_tokens: 1 } }
       : scriptedReply("Understood.")
   );
   try {

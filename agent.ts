@@ -988,9 +988,10 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
 }
 
 function toHistoryBlock(block: ReplyBlock): Anthropic.ContentBlockParam {
-  return block.type === "text"
-    ? { type: "text", text: block.text }
-    : { type: "tool_use", id: block.id, name: block.name, input: block.input };
+  if (block.type === "text") return { type: "text", text: block.text };
+  // The API takes back only an object as input; a cut-off reply may carry anything else.
+  const isObject = typeof block.input === "object" && block.input !== null && !Array.isArray(block.input);
+  return { type: "tool_use", id: block.id, name: block.name, input: isObject ? block.input : {} };
 }
 
 function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
