@@ -576,13 +576,12 @@ function requireTask(context: ToolContext, id: unknown): BackgroundTask {
 }
 
 function describeTask(task: BackgroundTask): string {
-  const lines = [
-    `Task ${task.id}: ${task.status === "running" ? `running (${taskSeconds(task).toFixed(1)}s so far)` : describeEnd(task.status, task.exitCode, task.signal, taskSeconds(task))}`,
-    `Command: ${task.command}`,
-  ];
-  if (task.status !== "running") {
-    lines.push(task.outputReleased ? "Output: (released: only the latest finished tasks keep their output)" : `Output:\n${task.output?.trim() || "(no output)"}`);
-  }
+  const state = task.status === "running"
+    ? `running (${taskSeconds(task).toFixed(1)}s so far)`
+    : describeEnd(task.status, task.exitCode, task.signal, taskSeconds(task));
+  const lines = [`Task ${task.id}: ${state}`, `Command: ${task.command}`];
+  if (task.outputReleased) lines.push("Output: (released: only the latest finished tasks keep their output)");
+  else if (task.status !== "running") lines.push(`Output:\n${task.output?.trim() || "(no output)"}`);
   return lines.join("\n");
 }
 
@@ -801,7 +800,8 @@ export function validateToolInput(tool: ToolDefinition, input: unknown): Record<
       : spec.type === "integer"
       ? Number.isInteger(value)
       : typeof value === "number" && Number.isFinite(value);
-    if (!ok) throw new ToolError(`${tool.name}: field "${name}" must be ${spec.type === "integer" ? "an integer" : `a ${spec.type}`}, got ${JSON.stringify(value)}`);
+    const expected = spec.type === "integer" ? "an integer" : `a ${spec.type}`;
+    if (!ok) throw new ToolError(`${tool.name}: field "${name}" must be ${expected}, got ${JSON.stringify(value)}`);
   }
   return fields;
 }
@@ -847,10 +847,15 @@ export interface ModelReply {
   usage: { input_tokens: number; output_tokens: number };
 }
 
+export interface CallOptions {
+  signal?: AbortSignal; // aborts the call (Ctrl-C)
+  onText?: (delta: string) => void; // streamed text, as it is generated
+}
+
 /** Anything that answers a Messages API request: the real API or a scripted stand-in. */
 export interface Model {
   name: string;
-  createMessage(request: ModelRequest, options: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply>;
+  createMessage(request: ModelRequest, options: CallOptions): Promise<ModelReply>;
 }
 
 export interface LoopEvents {
@@ -901,6 +906,9 @@ export function appendUserText(history: Anthropic.MessageParam[], text: string):
   }
 }
 
+const CUT_OFF_TOOL_CALL =
+  "Error: not run: your reply hit max_tokens before this tool call's input was complete. Send it again, shorter.";
+
 /** Left in the history when the user stops a turn, so the model knows why it was cut short. */
 export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
 
@@ -942,10 +950,13 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
       }
       if (signal?.aborted) throw new InterruptedError();
       events.onModelCall?.();
-      const reply = await model.createMessage(
-        { system: options.system ?? systemPrompt(options.workdir), messages: history, tools, max_tokens: options.maxTokens ?? MAX_OUTPUT_TOKENS },
-        { signal, onText: events.onText },
-      );
+      const request: ModelRequest = {
+        system: options.system ?? systemPrompt(options.workdir),
+        messages: history,
+        tools,
+        max_tokens: options.maxTokens ?? MAX_OUTPUT_TOKENS,
+      };
+      const reply = await model.createMessage(request, { signal, onText: events.onText });
       if (options.stats) {
         options.stats.modelCalls++;
         options.stats.inputTokens += reply.usage.input_tokens;
@@ -965,7 +976,7 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
         const cutOff = reply.stop_reason === "max_tokens" && call === content.at(-1);
         let outcome: ToolOutcome;
         if (cutOff) {
-          outcome = { isError: true, content: "Error: not run: your reply hit max_tokens before this tool call's input was complete. Send it again, shorter." };
+          outcome = { isError: true, content: CUT_OFF_TOOL_CALL };
         } else if (signal?.aborted) {
           outcome = { isError: true, content: "Error: not run: interrupted by the user" };
         } else {
@@ -1058,9 +1069,12 @@ export type ScriptStep = ModelReply | ((request: ModelRequest) => ModelReply | P
 /** Builds a scripted reply: text and tool calls, with stop_reason set from what it holds. */
 export function scriptedReply(...blocks: Array<string | { tool: string; input: unknown; id?: string }>): ModelReply {
   const content: ReplyBlock[] = blocks.map((b) =>
-    typeof b === "string" ? { type: "text", text: b } : { type: "tool_use", id: b.id ?? `toolu_${randomBytes(6).toString("hex")}`, name: b.tool, input: b.input }
+    typeof b === "string"
+      ? { type: "text", text: b }
+      : { type: "tool_use", id: b.id ?? `toolu_${randomBytes(6).toString("hex")}`, name: b.tool, input: b.input }
   );
-  return { content, stop_reason: content.some((b) => b.type === "tool_use") ? "tool_use" : "end_turn", usage: { input_tokens: 0, output_tokens: 0 } };
+  const stop_reason = content.some((b) => b.type === "tool_use") ? "tool_use" : "end_turn";
+  return { content, stop_reason, usage: { input_tokens: 0, output_tokens: 0 } };
 }
 
 /** A model that plays a script, step by step, and records every request it got (as it was then). */
@@ -1069,7 +1083,7 @@ export class ScriptedModel implements Model {
   readonly requests: ModelRequest[] = [];
   constructor(private steps: ScriptStep[], private options: { recordRequests?: boolean; thinkMs?: number } = {}) {}
 
-  async createMessage(request: ModelRequest, { signal, onText }: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply> {
+  async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
     if (this.options.recordRequests !== false) this.requests.push(structuredClone(request));
     if (this.options.thinkMs) await sleep(this.options.thinkMs, signal);
     const step = this.steps.shift();
@@ -1114,7 +1128,7 @@ export class DemoModel implements Model {
   name = "offline demo (scripted)";
   constructor(private thinkMs = 400) {}
 
-  async createMessage(request: ModelRequest, { signal, onText }: { signal?: AbortSignal; onText?: (delta: string) => void }): Promise<ModelReply> {
+  async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
     const think = latestUserWords(request.messages.at(-1)!).match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
     await sleep(think ? Number(think[1]) * 1000 : this.thinkMs, signal);
     const reply = demoReply(request);
@@ -1166,7 +1180,10 @@ function demoAnswerTo(prompt: string): ModelReply {
     return scriptedReply(
       "I'll start the slow command in the background and write the file while it runs.",
       { tool: "background_run", input: { command: "sleep 5 && echo done" } },
-      { tool: "write_file", input: { path: "notes/written-while-waiting.txt", content: "This file was written while `sleep 5 && echo done` ran in the background.\n" } },
+      {
+        tool: "write_file",
+        input: { path: "notes/written-while-waiting.txt", content: "Written while `sleep 5 && echo done` ran in the background.\n" },
+      },
     );
   }
   if (lower.includes("3 background tasks") || lower.includes("three background tasks")) {
@@ -1192,7 +1209,12 @@ function demoAnswerTo(prompt: string): ModelReply {
   if (blocking) return scriptedReply("Running it now.", { tool: "bash", input: { command: unquote(blocking[1]) } });
   return scriptedReply(
     "I am the offline demo's scripted model: I only understand a few prompts.\n" +
-      [...DEMO_PROMPTS, "run <command> in the background", "run <command>  (blocking; Ctrl-C interrupts it)", "think <seconds>  (a slow model call)"].map((p) => `  - ${p}`).join("\n"),
+      [
+        ...DEMO_PROMPTS,
+        "run <command> in the background",
+        "run <command>  (blocking; Ctrl-C interrupts it)",
+        "think <seconds>  (a slow model call)",
+      ].map((p) => `  - ${p}`).join("\n"),
   );
 }
 
@@ -1262,7 +1284,12 @@ export function formatNotice(task: BackgroundTask): string {
 export function runSlashCommand(line: string, background: BackgroundManager): string {
   const [command, ...rest] = line.trim().split(/\s+/);
   if (command === "/help") {
-    return "/tasks        list background tasks\n/kill <id>    stop a background task\n/help         this list\nexit, q       quit (running tasks are killed)";
+    return [
+      "/tasks        list background tasks",
+      "/kill <id>    stop a background task",
+      "/help         this list",
+      "exit, q       quit (running tasks are killed)",
+    ].join("\n");
   }
   if (command === "/tasks") {
     const tasks = [...background.tasks.values()];
@@ -1313,7 +1340,10 @@ class Printer {
     const started = Date.now();
     const frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏";
     let frame = 0;
-    const draw = () => this.stream.write(`\r${this.color.dim(`${frames[frame++ % frames.length]} thinking ${((Date.now() - started) / 1000).toFixed(1)}s`)}\x1b[K`);
+    const draw = () => {
+      const seconds = ((Date.now() - started) / 1000).toFixed(1);
+      this.stream.write(`\r${this.color.dim(`${frames[frame++ % frames.length]} thinking ${seconds}s`)}\x1b[K`);
+    };
     if (!this.atLineStart) this.stream.write("\n");
     this.atLineStart = true;
     draw();
