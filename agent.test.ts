@@ -338,7 +338,9 @@ test("background: a task that ends normally takes what it left running with it",
   await eventually(() => !isAlive(readPid(path.join(dir, "leftover.pid"))), "the leftover to be gone", 3);
 });
 
-test("background: a task whose daemon left the group and holds the output pipe still ends, with one notification", { timeout: 30_000 }, async () => {
+const hasSetsid = spawnSync("setsid", ["--version"]).status === 0;
+
+test("background: a task whose daemon left the group and holds the output pipe still ends, with one notification", { timeout: 30_000, skip: !hasSetsid && "needs util-linux setsid" }, async () => {
   const dir = tempWorkspace();
   const bg = new BackgroundManager(dir);
   // The shell waits until the daemon has its own session (it writes its pid after setsid), then exits.
