@@ -639,7 +639,7 @@ test("tools: check_background lists tasks, and with wait blocks until that task 
   const list = await runTool("check_background", {}, ctx);
   assert.match(list.content, new RegExp(`^${id}  running \\d+\\.\\ds  sleep 0\\.3; echo finished$`));
   const waited = await runTool("check_background", { task_id: id, wait: 30 }, ctx);
-  assert.match(waited.content, new RegExp(`^Task ${id}: completed \\(exit 0, 0\\.\\ds\\)\\nCommand: sleep 0\\.3; echo finished\\nOutput:\\nfinished$`));
+  assert.match(waited.content, new RegExp(`^Task ${id}: completed \\(exit 0, \\d+\\.\\ds\\)\\nCommand: sleep 0\\.3; echo finished\\nOutput:\\nfinished$`));
 });
 
 // ---------------------------------------------------------------------------
