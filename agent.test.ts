@@ -526,11 +526,14 @@ test("output: a single 100 MB line is cut to head and tail, never held whole", a
   assert.match(result.output, /\[\.\.\. 99950000 bytes omitted \.\.\.\]/);
 });
 
-test("output: OutputBuffer keeps head and tail exactly, across tiny chunks", () => {
+test("output: OutputBuffer keeps head and tail exactly, across tiny chunks (also thousands of them)", () => {
   const buffer = new OutputBuffer(4, 4);
   for (const ch of "abcdefghijklmnop") buffer.push(Buffer.from(ch));
   assert.equal(buffer.text(), "abcd\n[... 8 bytes omitted ...]\nmnop");
   assert.equal(buffer.totalBytes, 16);
+  const digits = new OutputBuffer(3, 5);
+  for (let i = 0; i < 10_000; i++) digits.push(Buffer.from(String(i % 10)));
+  assert.equal(digits.text(), "012\n[... 9992 bytes omitted ...]\n56789");
 });
 
 // ---------------------------------------------------------------------------

@@ -104,16 +104,12 @@ export const PIPE_GRACE_MS = 1000;
 
 export type TaskStatus = "running" | "completed" | "failed" | "timeout" | "killed" | "error";
 
-const EMPTY_CHUNK = Buffer.alloc(0);
-
 /** Keeps the first and last bytes of a stream and counts what fell in between. */
 export class OutputBuffer {
   private head: Buffer[] = [];
   private headBytes = 0;
-  private tail: Buffer[] = [];
-  private tailStart = 0; // index of the oldest tail chunk still kept
+  private tail: Buffer[] = []; // the newest chunks, covering at least the last tailLimit bytes
   private tailBytes = 0;
-  droppedBytes = 0;
   totalBytes = 0;
 
   constructor(private headLimit = OUTPUT_HEAD_BYTES, private tailLimit = OUTPUT_TAIL_BYTES) {}
@@ -125,38 +121,29 @@ export class OutputBuffer {
       this.head.push(chunk.subarray(0, take));
       this.headBytes += take;
       chunk = chunk.subarray(take);
-      if (chunk.length === 0) return;
     }
+    if (chunk.length === 0) return;
     this.tail.push(chunk);
     this.tailBytes += chunk.length;
-    // Drop the oldest tail bytes until the tail fits again (no copying, only slicing).
-    while (this.tailBytes > this.tailLimit) {
-      const excess = this.tailBytes - this.tailLimit;
-      const oldest = this.tail[this.tailStart];
-      if (oldest.length <= excess) {
-        this.tail[this.tailStart++] = EMPTY_CHUNK; // release the chunk now, not at the next compaction
-        this.tailBytes -= oldest.length;
-        this.droppedBytes += oldest.length;
-      } else {
-        this.tail[this.tailStart] = oldest.subarray(excess);
-        this.tailBytes -= excess;
-        this.droppedBytes += excess;
-      }
+    // Let go of the oldest chunk as soon as the newer ones cover the tail by themselves.
+    while (this.tailBytes - this.tail[0].length >= this.tailLimit) this.tailBytes -= this.tail.shift()!.length;
+    if (this.tail.length > 64) { // many tiny chunks: merge them into one that holds just the tail
+      const merged = Buffer.concat(this.tail);
+      this.tail = [merged.subarray(Math.max(0, merged.length - this.tailLimit))];
+      this.tailBytes = this.tail[0].length;
     }
-    if (this.tailStart > 256) { // forget dropped slots now and then
-      this.tail = this.tail.slice(this.tailStart);
-      this.tailStart = 0;
-    }
+  }
+
+  get droppedBytes(): number {
+    return this.totalBytes - this.headBytes - Math.min(this.tailBytes, this.tailLimit);
   }
 
   /** The kept output as text; invalid UTF-8 becomes U+FFFD instead of throwing. */
   text(): string {
-    const decoder = new TextDecoder("utf-8"); // non-fatal by default
-    const head = decoder.decode(Buffer.concat(this.head));
-    if (this.droppedBytes === 0 && this.tailStart >= this.tail.length) return head;
-    const tail = new TextDecoder("utf-8").decode(Buffer.concat(this.tail.slice(this.tailStart)));
+    const decode = (chunks: Buffer[]) => new TextDecoder("utf-8").decode(Buffer.concat(chunks)); // non-fatal
+    const tail = Buffer.concat(this.tail);
     const marker = this.droppedBytes > 0 ? `\n[... ${this.droppedBytes} bytes omitted ...]\n` : "";
-    return head + marker + tail;
+    return decode(this.head) + marker + decode([tail.subarray(Math.max(0, tail.length - this.tailLimit))]);
   }
 }
 
@@ -211,9 +198,7 @@ export class ShellProcess {
   private exitCode: number | null = null;
   private signal: string | null = null;
   private endReason: "timeout" | "killed" | null = null;
-  private timeoutTimer: ReturnType<typeof setTimeout> | null = null;
-  private graceTimer: ReturnType<typeof setTimeout> | null = null;
-  private pipeTimer: ReturnType<typeof setTimeout> | null = null;
+  private timers: ReturnType<typeof setTimeout>[] = []; // all cleared when the process has ended
 
   constructor(readonly command: string, readonly cwd: string, readonly timeoutSec: number) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -238,15 +223,20 @@ export class ShellProcess {
       // The shell is gone; whatever it left behind in its group would keep the pipes open.
       this.signalGroup("SIGKILL");
       // A process that left the group (setsid, a daemon) may hold them open still: stop waiting for it.
-      this.pipeTimer = setTimeout(() => {
+      this.after(PIPE_GRACE_MS, () => {
         this.child?.stdout?.destroy();
         this.child?.stderr?.destroy();
-      }, PIPE_GRACE_MS);
-      this.pipeTimer.unref();
+      });
     });
     this.child.on("close", () => this.finish(null));
-    this.timeoutTimer = setTimeout(() => this.kill("timeout"), timeoutSec * 1000);
-    this.timeoutTimer.unref();
+    this.after(timeoutSec * 1000, () => this.kill("timeout"));
+  }
+
+  /** A timer that does not keep the program alive by itself. */
+  private after(ms: number, action: () => void): void {
+    const timer = setTimeout(action, ms);
+    timer.unref();
+    this.timers.push(timer);
   }
 
   get pid(): number | undefined {
@@ -258,8 +248,7 @@ export class ShellProcess {
     if (this.status !== "running" || this.endReason !== null) return false;
     this.endReason = reason;
     this.signalGroup("SIGTERM");
-    this.graceTimer = setTimeout(() => this.signalGroup("SIGKILL"), KILL_GRACE_MS);
-    this.graceTimer.unref();
+    this.after(KILL_GRACE_MS, () => this.signalGroup("SIGKILL"));
     return true;
   }
 
@@ -283,9 +272,7 @@ export class ShellProcess {
 
   private finish(startError: string | null): void {
     if (this.status !== "running") return; // 'error' and 'close' may both arrive
-    if (this.timeoutTimer) clearTimeout(this.timeoutTimer);
-    if (this.graceTimer) clearTimeout(this.graceTimer);
-    if (this.pipeTimer) clearTimeout(this.pipeTimer);
+    for (const timer of this.timers) clearTimeout(timer);
     ShellProcess.live.delete(this);
     const exitedCleanly = this.exitCode === 0 && this.signal === null;
     this.status = startError !== null
@@ -303,7 +290,6 @@ export class ShellProcess {
       startedAt: this.startedAt,
       endedAt: Date.now(),
     });
-    this.output = new OutputBuffer(0, 0); // let the captured chunks go
   }
 
   /** Ends every live process group and waits for them. */
@@ -741,7 +727,7 @@ export const TOOLS: ToolDefinition[] = [
         if (input.wait !== undefined) throw new ToolError("wait needs a task_id");
         const tasks = [...context.background.tasks.values()];
         if (tasks.length === 0) return "No background tasks.";
-        return tasks.map((t) => `${t.id}  ${taskStatusText(t)}  ${t.command}`).join("\n");
+        return tasks.map((t) => taskLine(t)).join("\n");
       }
       const task = requireTask(context, input.task_id);
       const wait = (input.wait as number | undefined) ?? 0;
@@ -770,6 +756,11 @@ export const TOOLS: ToolDefinition[] = [
     },
   },
 ];
+
+/** "1a2b3c4d  running 3.2s  npm test": one task on one line (statusWidth aligns a table). */
+function taskLine(task: BackgroundTask, statusWidth = 0): string {
+  return `${task.id}  ${taskStatusText(task).padEnd(statusWidth)}  ${task.command}`;
+}
 
 /** "running 3.2s" or "completed (exit 0, 5.0s)". */
 export function taskStatusText(task: BackgroundTask): string {
@@ -1064,7 +1055,8 @@ export async function anthropicModel(config: Config): Promise<Model> {
   };
 }
 
-export type ScriptStep = ModelReply | ((request: ModelRequest) => ModelReply | Promise<ModelReply>);
+export type ScriptFunction = (request: ModelRequest, signal?: AbortSignal) => ModelReply | Promise<ModelReply>;
+export type ScriptStep = ModelReply | ScriptFunction;
 
 /** Builds a scripted reply: text and tool calls, with stop_reason set from what it holds. */
 export function scriptedReply(...blocks: Array<string | { tool: string; input: unknown; id?: string }>): ModelReply {
@@ -1077,18 +1069,21 @@ export function scriptedReply(...blocks: Array<string | { tool: string; input: u
   return { content, stop_reason, usage: { input_tokens: 0, output_tokens: 0 } };
 }
 
-/** A model that plays a script, step by step, and records every request it got (as it was then). */
+/**
+ * A model that plays a script and records every request it got (as it was then). The script is
+ * a list of steps, one per call, or one function that answers every call.
+ */
 export class ScriptedModel implements Model {
   name = "scripted";
   readonly requests: ModelRequest[] = [];
-  constructor(private steps: ScriptStep[], private options: { recordRequests?: boolean; thinkMs?: number } = {}) {}
+  constructor(private script: ScriptStep[] | ScriptFunction, private options: { recordRequests?: boolean; thinkMs?: number } = {}) {}
 
   async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
     if (this.options.recordRequests !== false) this.requests.push(structuredClone(request));
     if (this.options.thinkMs) await sleep(this.options.thinkMs, signal);
-    const step = this.steps.shift();
+    const step = typeof this.script === "function" ? this.script : this.script.shift();
     if (!step) throw new Error("the scripted model has no more steps");
-    const reply = typeof step === "function" ? await step(request) : step;
+    const reply = typeof step === "function" ? await step(request, signal) : step;
     for (const block of reply.content) if (block.type === "text") onText?.(block.text);
     return reply;
   }
@@ -1124,17 +1119,15 @@ const DEMO_TEST_COMMAND = `sleep 3; printf 'test_parse ... ok\\ntest_render ... 
  * The offline demo's model: it reads the conversation and answers like a
  * careful agent would, calling the real tools. Scripted, not intelligent.
  */
-export class DemoModel implements Model {
-  name = "offline demo (scripted)";
-  constructor(private thinkMs = 400) {}
-
-  async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
-    const think = latestUserWords(request.messages.at(-1)!).match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
-    await sleep(think ? Number(think[1]) * 1000 : this.thinkMs, signal);
-    const reply = demoReply(request);
-    for (const block of reply.content) if (block.type === "text") onText?.(block.text);
-    return reply;
-  }
+export function demoModel(thinkMs = 400): Model {
+  const model = new ScriptedModel(async (request, signal) => {
+    const words = latestUserWords(request.messages.at(-1)!);
+    const think = words.match(/^think (\d+)/i); // "think 10": a slow model call, to try Ctrl-C on
+    await sleep(think ? Number(think[1]) * 1000 : thinkMs, signal);
+    return think ? scriptedReply(`I thought about it for ${think[1]} seconds.`) : demoReply(request);
+  }, { recordRequests: false });
+  model.name = "offline demo (scripted)";
+  return model;
 }
 
 function textOf(message: Anthropic.MessageParam): string[] {
@@ -1201,8 +1194,6 @@ function demoAnswerTo(prompt: string): ModelReply {
       { tool: "bash", input: { command: "ls -la" } },
     );
   }
-  const think = lower.match(/^think (\d+)/);
-  if (think) return scriptedReply(`I thought about it for ${think[1]} seconds.`);
   const background = prompt.match(/^run (.+) in the background$/i);
   if (background) return scriptedReply("Starting it in the background.", { tool: "background_run", input: { command: unquote(background[1]) } });
   const blocking = prompt.match(/^run (.+)$/i);
@@ -1294,7 +1285,7 @@ export function runSlashCommand(line: string, background: BackgroundManager): st
   if (command === "/tasks") {
     const tasks = [...background.tasks.values()];
     if (tasks.length === 0) return "No background tasks.";
-    return tasks.map((t) => `${t.id}  ${taskStatusText(t).padEnd(28)} ${t.command}`).join("\n");
+    return tasks.map((t) => taskLine(t, 27)).join("\n");
   }
   if (command === "/kill") {
     const id = rest[0];
@@ -1392,11 +1383,18 @@ interface Session {
   stats: LoopStats;
 }
 
+/** The loop options every way of running a prompt shares. */
+function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions {
+  const { model, background, stats, config } = session;
+  return { model, background, stats, workdir: config.workdir, ...more };
+}
+
 /** Ends every process the agent started, then exits. Used on every way out. */
-async function exitCleanly(session: Session | null, code: number): Promise<never> {
-  if (session) session.background.onTaskEnd = null; // tasks killed now wake nothing and print nothing
+async function exitCleanly(session: Session, code: number): Promise<never> {
+  session.background.onTaskEnd = null; // tasks killed now wake nothing and print nothing
   await Promise.race([
-    Promise.all([session?.background.shutdown(), ShellProcess.killAll()]),
+    // Background tasks, and a blocking bash command if one is running.
+    Promise.all([session.background.shutdown(), ShellProcess.killAll()]),
     sleep(KILL_GRACE_MS + 1000),
   ]);
   process.exit(code);
@@ -1412,10 +1410,7 @@ async function runOneShot(session: Session, prompt: string, json: boolean): Prom
   };
   let finalText: string;
   try {
-    finalText = await agentLoop(session.history, prompt, {
-      model: session.model, background: session.background, workdir: session.config.workdir,
-      waitForBackground: true, events, stats: session.stats,
-    });
+    finalText = await agentLoop(session.history, prompt, loopOptions(session, { waitForBackground: true, events }));
   } catch (err) {
     stderr.stopSpinner();
     process.stderr.write(`error: ${(err as Error).message}\n`);
@@ -1485,10 +1480,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
   async function runTurn(userText: string | null): Promise<void> {
     turn = new AbortController();
     try {
-      await agentLoop(session.history, userText, {
-        model: session.model, background, workdir: session.config.workdir,
-        signal: turn.signal, events: loopEventsFor(out, out), stats: session.stats,
-      });
+      await agentLoop(session.history, userText, loopOptions(session, { signal: turn.signal, events: loopEventsFor(out, out) }));
       out.stopSpinner();
       out.endLine();
     } catch (err) {
@@ -1548,10 +1540,7 @@ async function playDemo(session: Session): Promise<void> {
   for (const prompt of DEMO_PROMPTS) {
     out.line("");
     out.line(c.bold(`s08 >> ${prompt}`));
-    await agentLoop(session.history, prompt, {
-      model: session.model, background: session.background, workdir: session.config.workdir,
-      waitForBackground: true, events: loopEventsFor(out, out), stats: session.stats,
-    });
+    await agentLoop(session.history, prompt, loopOptions(session, { waitForBackground: true, events: loopEventsFor(out, out) }));
     out.stopSpinner();
     out.endLine();
   }
@@ -1581,7 +1570,7 @@ export async function main(args: string[]): Promise<void> {
   }
   const session: Session = {
     config,
-    model: useDemo ? new DemoModel() : await anthropicModel(config),
+    model: useDemo ? demoModel() : await anthropicModel(config),
     background: new BackgroundManager(config.workdir),
     history: [],
     stats: { modelCalls: 0, inputTokens: 0, outputTokens: 0 },
