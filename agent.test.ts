@@ -82,6 +82,11 @@ function groupMembers(pgid: number): number[] {
   return members;
 }
 
+/** True once a pid file holds a whole line (the writer has finished). */
+function pidWritten(file: string): boolean {
+  return fs.existsSync(file) && fs.readFileSync(file, "utf8").endsWith("\n");
+}
+
 function readPid(file: string): number {
   return Number(fs.readFileSync(file, "utf8").trim());
 }
@@ -960,7 +965,7 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
   test(`cli: ${signal} in one-shot mode kills every process the agent started before it exits`, async () => {
     const dir = tempWorkspace();
     const agent = startAgent(["--demo", "-p", "run echo $$ > group.pid; sleep 300 in the background"], { cwd: dir });
-    await eventually(() => fs.existsSync(path.join(dir, "group.pid")) && fs.readFileSync(path.join(dir, "group.pid"), "utf8").endsWith("\n"), "the task to start");
+    await eventually(() => pidWritten(path.join(dir, "group.pid")), "the task to start");
     const group = readPid(path.join(dir, "group.pid"));
     assert.ok(groupMembers(group).length > 0);
     agent.child.kill(signal);
@@ -980,7 +985,7 @@ test("cli: SIGTERM in the REPL kills every process the agent started before it e
   try {
     const agent = startAgent([], { cwd: dir, env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url } });
     agent.child.stdin.write("start a server\n"); // stdin stays open: the REPL keeps running
-    await eventually(() => fs.existsSync(path.join(dir, "group.pid")) && fs.readFileSync(path.join(dir, "group.pid"), "utf8").endsWith("\n"), "the task to start");
+    await eventually(() => pidWritten(path.join(dir, "group.pid")), "the task to start");
     await eventually(() => agent.output().includes("Started."), "the turn to end");
     const group = readPid(path.join(dir, "group.pid"));
     agent.child.kill("SIGTERM");
@@ -1044,7 +1049,7 @@ test("repl in a terminal: Ctrl-C stops a model wait and a blocking command, the 
     agent.type("\x03");
     await eventually(() => agent.count("(interrupted)") === 1, "the first interruption");
     agent.type("block please\r");
-    await eventually(() => fs.existsSync(path.join(dir, "block.pid")) && fs.readFileSync(path.join(dir, "block.pid"), "utf8").endsWith("\n"), "the blocking command");
+    await eventually(() => pidWritten(path.join(dir, "block.pid")), "the blocking command");
     const group = readPid(path.join(dir, "block.pid"));
     agent.type("\x03");
     await eventually(() => agent.count("(interrupted)") === 2, "the second interruption");

@@ -555,7 +555,7 @@ function formatProcessResult(result: ProcessResult, timeoutSec: number): string 
 function requireTask(context: ToolContext, id: unknown): BackgroundTask {
   const task = context.background.get(String(id));
   if (!task) {
-    const known = [...context.background.tasks.keys()].join(", ") || "none";
+    const known = [...context.background.tasks.keys()].slice(-10).join(", ") || "none"; // the newest ten
     throw new ToolError(`unknown task id: ${id} (known: ${known})`);
   }
   return task;
@@ -1442,6 +1442,11 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
   let turn: AbortController | null = null;
   let ctrlCPressedOnce = false;
 
+  const clearPromptLine = () => {
+    readline.clearLine(process.stdout, 0);
+    readline.cursorTo(process.stdout, 0);
+    out.atLineStart = true;
+  };
   const showPrompt = () => {
     if (!interactive) return; // piped input: no prompt in the output
     rl.setPrompt(promptText(background.runningCount()));
@@ -1452,8 +1457,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
   background.onTaskEnd = (task) => {
     const notice = c.dim(formatNotice(task));
     if (busy || !interactive) return out.line(notice);
-    readline.clearLine(process.stdout, 0); // print above the prompt, then redraw it with the typed text
-    readline.cursorTo(process.stdout, 0);
+    clearPromptLine(); // print above the prompt, then redraw it with the typed text
     out.write(notice + "\n");
     showPrompt();
     if (wake && rl.line === "") {
@@ -1499,11 +1503,7 @@ async function runRepl(session: Session, wake: boolean): Promise<void> {
       wakeRequested = false;
       if (line === undefined) {
         if (!background.hasNotifications()) continue;
-        if (interactive) { // the woken turn's output replaces the empty prompt line
-          readline.clearLine(process.stdout, 0);
-          readline.cursorTo(process.stdout, 0);
-          out.atLineStart = true;
-        }
+        if (interactive) clearPromptLine(); // the woken turn's output replaces the empty prompt
         await runTurn(null);
         continue;
       }
@@ -1586,16 +1586,12 @@ export async function main(args: string[]): Promise<void> {
   };
   process.on("uncaughtException", crash);
   process.on("unhandledRejection", crash);
-  if (options.prompt !== null) {
-    process.on("SIGINT", () => void exitCleanly(session, 130));
-    await runOneShot(session, options.prompt, options.json);
-  }
-  if (useDemo) {
-    const interrupt = () => void exitCleanly(session, 130);
-    process.on("SIGINT", interrupt);
-    await playDemo(session);
-    process.off("SIGINT", interrupt);
-  }
+  // Ctrl-C quits at once in one-shot mode and while the demo plays; the REPL handles it itself.
+  const quitOnCtrlC = () => void exitCleanly(session, 130);
+  process.on("SIGINT", quitOnCtrlC);
+  if (options.prompt !== null) await runOneShot(session, options.prompt, options.json);
+  if (useDemo) await playDemo(session);
+  process.off("SIGINT", quitOnCtrlC);
   await runRepl(session, options.wake);
 }
 
