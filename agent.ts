@@ -866,13 +866,11 @@ export interface LoopOptions {
   model: Model;
   background: BackgroundManager;
   workdir: string;
-  system?: string;
   /** One-shot mode: when the model ends its turn while tasks run, wait for them and go on. */
   waitForBackground?: boolean;
   signal?: AbortSignal;
   events?: LoopEvents;
   stats?: LoopStats;
-  maxTokens?: number;
 }
 
 /** The one text block that carries finished tasks to the model. */
@@ -917,6 +915,7 @@ export class InterruptedError extends Error {
 export async function agentLoop(history: Anthropic.MessageParam[], userText: string | null, options: LoopOptions): Promise<string> {
   const { model, background, signal, events = {} } = options;
   const context: ToolContext = { workdir: options.workdir, background, signal };
+  const system = systemPrompt(options.workdir);
   const tools = toolSchemas();
   let needsModelCall = false;
   let finalText = "";
@@ -941,13 +940,7 @@ export async function agentLoop(history: Anthropic.MessageParam[], userText: str
       }
       if (signal?.aborted) throw new InterruptedError();
       events.onModelCall?.();
-      const request: ModelRequest = {
-        system: options.system ?? systemPrompt(options.workdir),
-        messages: history,
-        tools,
-        max_tokens: options.maxTokens ?? MAX_OUTPUT_TOKENS,
-      };
-      const reply = await model.createMessage(request, { signal, onText: events.onText });
+      const reply = await model.createMessage({ system, messages: history, tools, max_tokens: MAX_OUTPUT_TOKENS }, { signal, onText: events.onText });
       if (options.stats) {
         options.stats.modelCalls++;
         options.stats.inputTokens += reply.usage.input_tokens;
@@ -1301,7 +1294,7 @@ export function runSlashCommand(line: string, background: BackgroundManager): st
 export function colorsFor(stream: { isTTY?: boolean }, env: Record<string, string | undefined> = process.env) {
   const on = Boolean(stream.isTTY) && !env.NO_COLOR;
   const paint = (code: string) => (text: string) => (on ? `\x1b[${code}m${text}\x1b[0m` : text);
-  return { on, dim: paint("2"), bold: paint("1"), red: paint("31"), green: paint("32"), yellow: paint("33"), cyan: paint("36") };
+  return { dim: paint("2"), bold: paint("1"), red: paint("31"), yellow: paint("33"), cyan: paint("36") };
 }
 
 /** Writes to one stream and remembers whether the cursor is at the start of a line. */
