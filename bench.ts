@@ -12,8 +12,8 @@ import {
   agentLoop,
   BackgroundManager,
   type Notification,
-  scriptedReply,
   ScriptedModel,
+  scriptedReply,
   ShellProcess,
 } from "./agent.ts";
 
@@ -26,21 +26,38 @@ const workdir = fs.mkdtempSync(path.join(os.tmpdir(), "s08-bench-"));
 /** Wall clock in milliseconds with sub-millisecond resolution, comparable with bash's $EPOCHREALTIME. */
 const wallMs = () => performance.timeOrigin + performance.now();
 
-interface Stats { median: number; min: number; max: number; p99: number; n: number }
+interface Stats {
+  median: number;
+  min: number;
+  max: number;
+  p99: number;
+  n: number;
+}
 function stats(values: number[]): Stats {
   const sorted = [...values].sort((a, b) => a - b);
   const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
   return { median: at(0.5), min: sorted[0], max: sorted.at(-1)!, p99: at(0.99), n: sorted.length };
 }
 
-interface Row { figure: string; unit: string; value: Stats; reference?: { label: string; value: Stats }; ratio?: number; target: string; met?: boolean }
+interface Row {
+  figure: string;
+  unit: string;
+  value: Stats;
+  reference?: { label: string; value: Stats };
+  ratio?: number;
+  target: string;
+  met?: boolean;
+}
 const rows: Row[] = [];
 
 /**
  * The floor: a bare child_process.spawn with the options agent.ts needs for correctness (its own
  * process group, stdin from /dev/null, piped output), read and dropped, resolved when closed.
  */
-const FLOOR_OPTIONS: SpawnOptionsWithStdioTuple<"ignore", "pipe", "pipe"> = { detached: true, stdio: ["ignore", "pipe", "pipe"] };
+const FLOOR_OPTIONS: SpawnOptionsWithStdioTuple<"ignore", "pipe", "pipe"> = {
+  detached: true,
+  stdio: ["ignore", "pipe", "pipe"],
+};
 function bareSpawn(command: string): Promise<void> {
   const child = spawn("bash", ["-c", command], FLOOR_OPTIONS);
   child.stdout.on("data", () => {});
@@ -48,7 +65,10 @@ function bareSpawn(command: string): Promise<void> {
   return new Promise((resolve) => child.on("close", () => resolve()));
 }
 
-async function runAllBackground(bg: BackgroundManager, commands: string[]): Promise<Notification[]> {
+async function runAllBackground(
+  bg: BackgroundManager,
+  commands: string[],
+): Promise<Notification[]> {
   const notes: Notification[] = [];
   for (const command of commands) bg.run(command);
   while (notes.length < commands.length) {
@@ -67,7 +87,7 @@ async function parallelEfficiency(): Promise<void> {
   const started = wallMs();
   for (let i = 0; i < sequentialCount; i++) {
     const one = wallMs();
-    await new ShellProcess("sleep 1", workdir, 60).done; // what a blocking loop does: one after another
+    await new ShellProcess("sleep 1", { cwd: workdir, timeoutSec: 60 }).done; // what a blocking loop does: one after another
     sequential.push(wallMs() - one);
   }
   const perTask = (wallMs() - started) / sequentialCount;
@@ -81,9 +101,17 @@ async function parallelEfficiency(): Promise<void> {
     const value = stats(ratios);
     const blocking = stats(sequential.map((ms) => (ms * count) / 1000));
     rows.push({
-      figure: `1. ${count} x sleep 1 at once: wall / 1 s`, unit: "x", value,
-      reference: { label: `blocking loop, ${count} one after another (${(perTask * count / 1000).toFixed(1)} s)`, value: blocking },
-      ratio: blocking.median / value.median, target: count === 8 ? "<= 1.10" : "<= 1.25",
+      figure: `1. ${count} x sleep 1 at once: wall / 1 s`,
+      unit: "x",
+      value,
+      reference: {
+        label: `blocking loop, ${count} one after another (${
+          (perTask * count / 1000).toFixed(1)
+        } s)`,
+        value: blocking,
+      },
+      ratio: blocking.median / value.median,
+      target: count === 8 ? "<= 1.10" : "<= 1.25",
       met: value.median <= (count === 8 ? 1.10 : 1.25),
     });
   }
@@ -105,7 +133,7 @@ async function startLatency(): Promise<void> {
     let t0 = wallMs();
     const id = bg.run(command);
     runReturns.push(wallMs() - t0);
-    await bg.waitForTask(id, 30);
+    await bg.get(id)!.ended;
     bg.drain();
     untilRunning.push(Number(fs.readFileSync(marker, "utf8")) * 1000 - t0);
 
@@ -122,11 +150,32 @@ async function startLatency(): Promise<void> {
   }
   const returned = stats(runReturns);
   const bareReturned = stats(bareReturns);
-  rows.push({ figure: "2a. background_run returns (process started)", unit: "ms", value: returned, reference: { label: "bare spawn() returns", value: bareReturned }, ratio: returned.median / bareReturned.median, target: "<= 1.2x floor", met: returned.median <= 1.2 * bareReturned.median });
-  rows.push({ figure: "2c. (info) spawn() without detached: returns", unit: "ms", value: stats(plainReturns), target: "(reported)" });
+  rows.push({
+    figure: "2a. background_run returns (process started)",
+    unit: "ms",
+    value: returned,
+    reference: { label: "bare spawn() returns", value: bareReturned },
+    ratio: returned.median / bareReturned.median,
+    target: "<= 1.2x floor",
+    met: returned.median <= 1.2 * bareReturned.median,
+  });
+  rows.push({
+    figure: "2c. (info) spawn() without detached: returns",
+    unit: "ms",
+    value: stats(plainReturns),
+    target: "(reported)",
+  });
   const running = stats(untilRunning);
   const bareRunning = stats(bareUntilRunning);
-  rows.push({ figure: "2b. call -> child running (marker)", unit: "ms", value: running, reference: { label: "bare spawn() -> child running", value: bareRunning }, ratio: running.median / bareRunning.median, target: "<= 1.2x floor", met: running.median <= 1.2 * bareRunning.median });
+  rows.push({
+    figure: "2b. call -> child running (marker)",
+    unit: "ms",
+    value: running,
+    reference: { label: "bare spawn() -> child running", value: bareRunning },
+    ratio: running.median / bareRunning.median,
+    target: "<= 1.2x floor",
+    met: running.median <= 1.2 * bareRunning.median,
+  });
 }
 
 // 3. Notification latency --------------------------------------------------------
@@ -143,14 +192,23 @@ async function notificationLatency(): Promise<void> {
     toQueue.push(available - Number(fs.readFileSync(marker, "utf8")) * 1000);
   }
   const queued = stats(toQueue);
-  rows.push({ figure: "3a. child exit -> notification queued", unit: "ms", value: queued, target: "p99 < 20 ms", met: queued.p99 < 20 });
+  rows.push({
+    figure: "3a. child exit -> notification queued",
+    unit: "ms",
+    value: queued,
+    target: "p99 < 20 ms",
+    met: queued.p99 < 20,
+  });
 
   const toWake: number[] = [];
   for (let i = 0; i < (quick ? 5 : 20); i++) {
     const marker = path.join(workdir, `woke-${i}`);
     let wokeAt = 0;
     const model = new ScriptedModel([
-      scriptedReply({ tool: "background_run", input: { command: `sleep 0.05; echo $EPOCHREALTIME > ${marker}` } }),
+      scriptedReply({
+        tool: "background_run",
+        input: { command: `sleep 0.05; echo $EPOCHREALTIME > ${marker}` },
+      }),
       scriptedReply("Waiting."), // the model ends its turn; the one-shot loop goes idle
       () => {
         wokeAt = wallMs();
@@ -161,7 +219,13 @@ async function notificationLatency(): Promise<void> {
     toWake.push(wokeAt - Number(fs.readFileSync(marker, "utf8")) * 1000);
   }
   const woke = stats(toWake);
-  rows.push({ figure: "3b. child exit -> idle one-shot loop calls the model", unit: "ms", value: woke, target: "p99 < 20 ms", met: woke.p99 < 20 });
+  rows.push({
+    figure: "3b. child exit -> idle one-shot loop calls the model",
+    unit: "ms",
+    value: woke,
+    target: "p99 < 20 ms",
+    met: woke.p99 < 20,
+  });
 }
 
 // 4. Throughput ----------------------------------------------------------------
@@ -186,7 +250,8 @@ async function throughput(): Promise<void> {
       for (const note of bg.drain()) seen.set(note.taskId, (seen.get(note.taskId) ?? 0) + 1);
     }
     ours.push(total / ((wallMs() - t0) / 1000));
-    exactlyOnce &&= seen.size === total && [...seen.values()].every((n) => n === 1) && bg.drain().length === 0;
+    exactlyOnce &&= seen.size === total && [...seen.values()].every((n) => n === 1) &&
+      bg.drain().length === 0;
 
     const t1 = wallMs();
     let next = 0;
@@ -202,9 +267,15 @@ async function throughput(): Promise<void> {
   const value = stats(ours);
   const reference = stats(floor);
   rows.push({
-    figure: `4. ${total} x true, 16 at once${exactlyOnce ? ", each notified once" : ", NOTIFICATIONS WRONG"}`, unit: "tasks/s", value,
-    reference: { label: "bare spawn loop, 16 at once", value: reference }, ratio: reference.median / value.median,
-    target: "floor within 1.5x", met: exactlyOnce && reference.median / value.median <= 1.5,
+    figure: `4. ${total} x true, 16 at once${
+      exactlyOnce ? ", each notified once" : ", NOTIFICATIONS WRONG"
+    }`,
+    unit: "tasks/s",
+    value,
+    reference: { label: "bare spawn loop, 16 at once", value: reference },
+    ratio: reference.median / value.median,
+    target: "floor within 1.5x",
+    met: exactlyOnce && reference.median / value.median <= 1.5,
   });
 }
 
@@ -256,8 +327,14 @@ function memory(): void {
     const [count, megabytes] = mode.split("x");
     const value = stats(ours);
     rows.push({
-      figure: `5. peak RSS above idle (${idle.toFixed(0)} MB), ${count} task(s) x ${megabytes} MB output`, unit: "MB", value,
-      reference: { label: "bare spawn, output read and dropped", value: stats(bare) }, target: "< 150 MB", met: value.median < 150,
+      figure: `5. peak RSS above idle (${
+        idle.toFixed(0)
+      } MB), ${count} task(s) x ${megabytes} MB output`,
+      unit: "MB",
+      value,
+      reference: { label: "bare spawn, output read and dropped", value: stats(bare) },
+      target: "< 150 MB",
+      met: value.median < 150,
     });
   }
 }
@@ -270,7 +347,11 @@ class OneNotificationPerDrain extends BackgroundManager {
   }
   override drain(): Notification[] {
     if (this.remaining-- <= 0) return [];
-    return [{ taskId: "0badcafe", command: "make test", status: "completed", exitCode: 0, signal: null, seconds: 1.5, preview: "42 passed" }];
+    return [{
+      taskId: "0badcafe",
+      kind: "ended" as const,
+      text: "completed (exit 0, 1.5s): 42 passed",
+    }];
   }
 }
 
@@ -279,17 +360,31 @@ async function loopOverhead(): Promise<void> {
   const repeats = quick ? 2 : 5;
   const perTurn: number[] = [];
   for (let r = 0; r < repeats; r++) {
-    const script = Array.from({ length: turns - 1 }, (_, i) => scriptedReply({ tool: "check_background", input: {}, id: `toolu_${i}` }));
+    const script = Array.from(
+      { length: turns - 1 },
+      (_, i) => scriptedReply({ tool: "check_background", input: {}, id: `toolu_${i}` }),
+    );
     script.push(scriptedReply("Done."));
     const model = new ScriptedModel(script, { recordRequests: false });
     const bg = new OneNotificationPerDrain(workdir, turns);
     const t0 = wallMs();
     let calls = 0;
-    await agentLoop([], "go", { model, background: bg, workdir, events: { onModelCall: () => calls++ } });
+    await agentLoop([], "go", {
+      model,
+      background: bg,
+      workdir,
+      events: { onModelCall: () => calls++ },
+    });
     perTurn.push((wallMs() - t0) / calls);
   }
   const value = stats(perTurn);
-  rows.push({ figure: `6. harness time per model turn (${turns} turns, tool call + notification each)`, unit: "ms", value, target: "< 1 ms", met: value.median < 1 });
+  rows.push({
+    figure: `6. harness time per model turn (${turns} turns, tool call + notification each)`,
+    unit: "ms",
+    value,
+    target: "< 1 ms",
+    met: value.median < 1,
+  });
 }
 
 // 7. Start-up --------------------------------------------------------------------
@@ -315,15 +410,23 @@ function startup(): void {
       if (result.status !== 0) break; // e.g. no Node on a Deno-only machine
       times.push(wallMs() - t0);
     }
-    if (times.length === 0) process.stderr.write(`(start-up under ${name} not measured: it did not run here)\n`);
-    else rows.push({ figure: `7. agent.ts --help, whole process, ${name}`, unit: "ms", value: stats(times), target: "(reported)" });
+    if (times.length === 0) {
+      process.stderr.write(`(start-up under ${name} not measured: it did not run here)\n`);
+    } else {rows.push({
+        figure: `7. agent.ts --help, whole process, ${name}`,
+        unit: "ms",
+        value: stats(times),
+        target: "(reported)",
+      });}
   }
 }
 
 function printTable(): void {
   const fmt = (s: Stats, unit: string) => {
     const digits = unit === "x" ? 3 : s.median >= 100 ? 0 : 2;
-    return `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]${unit === "ms" && s.n >= 10 ? ` p99 ${s.p99.toFixed(digits)}` : ""} ${unit}`;
+    return `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]${
+      unit === "ms" && s.n >= 10 ? ` p99 ${s.p99.toFixed(digits)}` : ""
+    } ${unit}`;
   };
   const header = ["figure", "median [min-max]", "reference (same run)", "ratio", "target", "met"];
   const body = rows.map((row) => [
@@ -334,7 +437,15 @@ function printTable(): void {
     row.target,
     row.met === undefined ? "" : row.met ? "yes" : "NO",
   ]);
-  console.log(`\nbench.ts on ${runtime} ${isDeno ? (globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno : process.version}, ${os.cpus().length} cores, ${new Date().toISOString().slice(0, 10)}${quick ? ", --quick" : ""}\n`);
+  console.log(
+    `\nbench.ts on ${runtime} ${
+      isDeno
+        ? (globalThis as unknown as { Deno: { version: { deno: string } } }).Deno.version.deno
+        : process.version
+    }, ${os.cpus().length} cores, ${new Date().toISOString().slice(0, 10)}${
+      quick ? ", --quick" : ""
+    }\n`,
+  );
   console.log(`| ${header.join(" | ")} |`);
   console.log(`|${header.map(() => "---").join("|")}|`);
   for (const line of body) console.log(`| ${line.join(" | ")} |`);
