@@ -2007,15 +2007,16 @@ describe("9. The command line", { concurrency: 4 }, () => {
 
   test("cli: orphans of a SIGKILLed agent are ended by the next start, named in one line", async () => {
     const dir = workspace();
+    const env = { TMPDIR: workspace() }; // its own state folder: no other agent reaps first
     const first = startAgent(
       ["--demo", "-p", "run echo $$ > group.pid; sleep 300 in the background"],
-      { cwd: dir },
+      { cwd: dir, env },
     );
     await eventually(() => pidWritten(path.join(dir, "group.pid")), "the task to start");
     const group = readPid(path.join(dir, "group.pid"));
     await eventually(
       () =>
-        fs.readdirSync(path.join(testRoot, "s08-agent")).some((f) =>
+        fs.readdirSync(path.join(env.TMPDIR, "s08-agent")).some((f) =>
           f === `owner-${first.child.pid}.json`
         ),
       "the record",
@@ -2023,7 +2024,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     first.child.kill("SIGKILL");
     await first.exited;
     assert.ok(members(group).length > 0, "SIGKILL leaves the task running");
-    const next = await startAgent(["--demo", "-p", "run true"], { cwd: dir }).exited;
+    const next = await startAgent(["--demo", "-p", "run true"], { cwd: dir, env }).exited;
     assert.equal(next.code, 0, next.stderr);
     assert.match(
       next.stderr,

@@ -56,16 +56,11 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 export const DEFAULT_MODEL = "claude-sonnet-5-5";
 export const MAX_OUTPUT_TOKENS = 8000;
-/** A background task is killed after this long, unless background_run asks for another. */
-export const DEFAULT_BACKGROUND_TIMEOUT_SEC = 300;
-/** At most this many background tasks run at once. */
-export const MAX_RUNNING_TASKS = 16;
-/** A running task that prints nothing for this long gets one "quiet" notice. */
-export const DEFAULT_QUIET_AFTER_SEC = 60;
-/** The longest check_background wait. */
-export const MAX_WAIT_SEC = 600;
-/** Finished tasks keep their output in memory only for the newest ones (logs stay on disk). */
-export const KEEP_OUTPUT_OF_FINISHED = 64;
+export const DEFAULT_BACKGROUND_TIMEOUT_SEC = 300; // then it is killed, unless asked otherwise
+export const MAX_RUNNING_TASKS = 16; // background tasks running at once
+export const DEFAULT_QUIET_AFTER_SEC = 60; // silent this long: one "quiet" notice
+export const MAX_WAIT_SEC = 600; // the longest check_background wait
+export const KEEP_OUTPUT_OF_FINISHED = 64; // the newest finished tasks keep output in memory
 
 export interface Config {
   workdir: string;
@@ -284,21 +279,6 @@ export class BackgroundManager {
   }
 }
 
-export interface RunOptions {
-  timeoutSec?: number;
-  /** The first output line that matches queues a "ready" notification. */
-  ready?: RegExp | null;
-  /** Seconds without output before a "quiet" notice; 0 turns it off. */
-  quietAfterSec?: number;
-}
-
-export interface ManagerOptions {
-  maxRunning?: number;
-  keepOutputOf?: number;
-  /** Where task logs go (the whole output, capped); null keeps output in memory only. */
-  logs?: LogFolder | null;
-}
-
 function newTaskId(): string {
   return randomBytes(4).toString("hex"); // 8 lowercase hex characters
 }
@@ -447,52 +427,6 @@ async function checkSeveral(input: Record<string, unknown>, wait: number, contex
   return [`${ended} of ${tasks.length} ended.`, ...lines].join("\n");
 }
 
-/** The output part of a check: new output since the last read, or a tail or filter view. */
-function outputView(task: BackgroundTask, input: Record<string, unknown>): string {
-  const output = task.process.output;
-  if (output === null) return "Output: (released: only the newest finished tasks keep it)";
-  if (input.tail !== undefined || input.filter !== undefined) {
-    // Views over everything kept; they do not move the read position.
-    const tail = input.tail as number | undefined;
-    if (tail !== undefined && tail < 1) throw new ToolError("tail must be at least 1");
-    const pattern = input.filter === undefined ? null : regexFrom(input.filter as string, "filter");
-    let lines = cleanOutput(output.text()).replace(/\n$/, "").split("\n");
-    if (pattern) lines = lines.filter((line) => pattern.test(line));
-    if (tail !== undefined) lines = lines.slice(-tail);
-    const what = [pattern && `matching /${pattern.source}/`, tail && `last ${tail}`];
-    return `Output (${what.filter(Boolean).join(", ")}; ${lines.length} lines):\n` +
-      (lines.join("\n").trim() || "(none)");
-  }
-  const { text, end } = output.textSince(task.read.bytes);
-  const earlier = task.read.lines;
-  task.read = { bytes: end, lines: output.totalLines };
-  const heading = earlier > 0
-    ? `Output since your last check (${earlier} earlier lines):`
-    : "Output:";
-  return `${heading}\n${cleanOutput(text).trim() || "(nothing new)"}`;
-}
-
-/** The task list, newest last, capped so a long session cannot flood the model. */
-function taskList(background: BackgroundManager): string {
-  const tasks = [...background.tasks.values()];
-  if (tasks.length === 0) return "No background tasks.";
-  const shown = tasks.slice(-TASK_LIST_MAX);
-  const older = tasks.length - shown.length;
-  return [
-    ...(older > 0 ? [`(${older} older tasks not shown)`] : []),
-    ...shown.map((t) => taskLine(t)),
-  ].join("\n");
-}
-
-function requireTask(context: ToolContext, id: unknown): BackgroundTask {
-  const task = context.background.get(String(id));
-  if (!task) {
-    const known = [...context.background.tasks.keys()].slice(-10).join(", ") || "none";
-    throw new ToolError(`unknown task id: ${id} (known: ${known})`); // the newest ten
-  }
-  return task;
-}
-
 // ---------------------------------------------------------------------------
 // 4. The agent loop
 // Teaches: before every model call, drain the notification queue and put the results into
@@ -514,12 +448,6 @@ export interface LoopOptions {
 
 /** Left in the history when the user stops a turn, so the model knows why it was cut short. */
 export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
-
-export class InterruptedError extends Error {
-  constructor() {
-    super("interrupted");
-  }
-}
 
 /**
  * Runs one turn: the user's text (or, with null, only what background tasks reported) until
@@ -604,13 +532,7 @@ export function appendUserText(history: Anthropic.MessageParam[], text: string):
 async function waitForMoreBackground(options: LoopOptions): Promise<boolean> {
   const { background, signal } = options;
   if (!options.waitForBackground || background.runningCount() === 0) return false;
-  if (signal?.aborted) throw new InterruptedError();
-  let onAbort = () => {};
-  const aborted = new Promise<void>((resolve) => (onAbort = resolve));
-  signal?.addEventListener("abort", onAbort);
-  await Promise.race([background.nextNotification(), aborted]);
-  signal?.removeEventListener("abort", onAbort);
-  if (signal?.aborted) throw new InterruptedError();
+  await untilAborted(background.nextNotification(), signal); // Ctrl-C ends the wait
   return true;
 }
 
@@ -630,11 +552,7 @@ async function callModel(history: Anthropic.MessageParam[], options: LoopOptions
     onText: events.onText,
     onRetry: events.onRetry,
   });
-  if (stats) {
-    stats.modelCalls++;
-    stats.inputTokens += reply.usage.input_tokens;
-    stats.outputTokens += reply.usage.output_tokens;
-  }
+  if (stats) addUsage(stats, reply);
   return reply;
 }
 
@@ -678,15 +596,6 @@ async function runToolCalls(
     });
   }
   return results;
-}
-
-/** A reply block as the history keeps it. */
-function toHistoryBlock(block: ReplyBlock): Anthropic.ContentBlockParam {
-  if (block.type === "text") return { type: "text", text: block.text };
-  // The API takes back only an object as input; a cut-off reply may carry anything else.
-  const input = block.input;
-  const isObject = typeof input === "object" && input !== null && !Array.isArray(input);
-  return { type: "tool_use", id: block.id, name: block.name, input: isObject ? input : {} };
 }
 
 // End of Part I. Everything the tutorial teaches is above this line.
@@ -1240,7 +1149,7 @@ function mb(bytes: number): string {
   return `${Math.round(bytes / 1024 / 1024)} MB`;
 }
 
-/** The agent's folder of task logs: each log capped, the oldest finished ones removed past the total cap. */
+/** The agent's folder of task logs: each capped; past the total cap, the oldest finished go. */
 export class LogFolder {
   private logs: TaskLog[] = [];
 
@@ -1364,6 +1273,46 @@ function endOrphanSession(session: OwnerRecord["sessions"][number]): boolean {
   if (leader !== null) members.push(session.pid);
   for (const pid of members) signalQuietly(pid, "SIGKILL");
   return members.length > 0;
+}
+
+export interface RunOptions {
+  timeoutSec?: number;
+  /** The first output line that matches queues a "ready" notification. */
+  ready?: RegExp | null;
+  /** Seconds without output before a "quiet" notice; 0 turns it off. */
+  quietAfterSec?: number;
+}
+
+export interface ManagerOptions {
+  maxRunning?: number;
+  keepOutputOf?: number;
+  /** Where task logs go (the whole output, capped); null keeps output in memory only. */
+  logs?: LogFolder | null;
+}
+
+/** The output part of a check: new output since the last read, or a tail or filter view. */
+function outputView(task: BackgroundTask, input: Record<string, unknown>): string {
+  const output = task.process.output;
+  if (output === null) return "Output: (released: only the newest finished tasks keep it)";
+  if (input.tail !== undefined || input.filter !== undefined) {
+    // Views over everything kept; they do not move the read position.
+    const tail = input.tail as number | undefined;
+    if (tail !== undefined && tail < 1) throw new ToolError("tail must be at least 1");
+    const pattern = input.filter === undefined ? null : regexFrom(input.filter as string, "filter");
+    let lines = cleanOutput(output.text()).replace(/\n$/, "").split("\n");
+    if (pattern) lines = lines.filter((line) => pattern.test(line));
+    if (tail !== undefined) lines = lines.slice(-tail);
+    const what = [pattern && `matching /${pattern.source}/`, tail && `last ${tail}`];
+    return `Output (${what.filter(Boolean).join(", ")}; ${lines.length} lines):\n` +
+      (lines.join("\n").trim() || "(none)");
+  }
+  const { text, end } = output.textSince(task.read.bytes);
+  const earlier = task.read.lines;
+  task.read = { bytes: end, lines: output.totalLines };
+  const heading = earlier > 0
+    ? `Output since your last check (${earlier} earlier lines):`
+    : "Output:";
+  return `${heading}\n${cleanOutput(text).trim() || "(nothing new)"}`;
 }
 
 // How a process's state is said, everywhere: the model, the notices and /tasks share these.
@@ -1834,6 +1783,27 @@ function regexFrom(source: string, field: string): RegExp {
   }
 }
 
+/** The task list, newest last, capped so a long session cannot flood the model. */
+function taskList(background: BackgroundManager): string {
+  const tasks = [...background.tasks.values()];
+  if (tasks.length === 0) return "No background tasks.";
+  const shown = tasks.slice(-TASK_LIST_MAX);
+  const older = tasks.length - shown.length;
+  return [
+    ...(older > 0 ? [`(${older} older tasks not shown)`] : []),
+    ...shown.map((t) => taskLine(t)),
+  ].join("\n");
+}
+
+function requireTask(context: ToolContext, id: unknown): BackgroundTask {
+  const task = context.background.get(String(id));
+  if (!task) {
+    const known = [...context.background.tasks.keys()].slice(-10).join(", ") || "none";
+    throw new ToolError(`unknown task id: ${id} (known: ${known})`); // the newest ten
+  }
+  return task;
+}
+
 /** The schemas as the Messages API wants them (without the handlers). */
 export function toolSchemas(tools = TOOLS): Anthropic.Tool[] {
   return tools.map(({ name, description, input_schema }) => ({ name, description, input_schema }));
@@ -1958,6 +1928,42 @@ export interface LoopStats {
   modelCalls: number;
   inputTokens: number;
   outputTokens: number;
+}
+
+export class InterruptedError extends Error {
+  constructor() {
+    super("interrupted");
+  }
+}
+
+/** A reply block as the history keeps it. */
+function toHistoryBlock(block: ReplyBlock): Anthropic.ContentBlockParam {
+  if (block.type === "text") return { type: "text", text: block.text };
+  // The API takes back only an object as input; a cut-off reply may carry anything else.
+  const input = block.input;
+  const isObject = typeof input === "object" && input !== null && !Array.isArray(input);
+  return { type: "tool_use", id: block.id, name: block.name, input: isObject ? input : {} };
+}
+
+/** Waits for the promise; an abort ends the wait at once with InterruptedError. */
+async function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
+  if (signal?.aborted) throw new InterruptedError();
+  let onAbort = () => {};
+  const aborted = new Promise<void>((resolve) => (onAbort = resolve));
+  signal?.addEventListener("abort", onAbort);
+  try {
+    const result = await Promise.race([promise, aborted]);
+    if (signal?.aborted) throw new InterruptedError();
+    return result as T;
+  } finally {
+    signal?.removeEventListener("abort", onAbort);
+  }
+}
+
+function addUsage(stats: LoopStats, reply: ModelReply): void {
+  stats.modelCalls++;
+  stats.inputTokens += reply.usage.input_tokens;
+  stats.outputTokens += reply.usage.output_tokens;
 }
 
 /** An API failure, already put in one readable line (status and the API's own message). */
@@ -2286,16 +2292,16 @@ function demoAnswerTo(prompt: string): ModelReply {
       input: { command: unquote(blocking[1]) },
     });
   }
-  return scriptedReply(
-    "I am the offline demo's scripted model: I only understand a few prompts.\n" +
-      [
-        ...DEMO_PROMPTS,
-        "run <command> in the background",
-        "run <command>  (blocking; Ctrl-C interrupts it)",
-        "think <seconds>  (a slow model call)",
-      ].map((p) => `  - ${p}`).join("\n"),
-  );
+  return scriptedReply(DEMO_HELP);
 }
+
+const DEMO_HELP = "I am the offline demo's scripted model: I only understand a few prompts.\n" +
+  [
+    ...DEMO_PROMPTS,
+    "run <command> in the background",
+    "run <command>  (blocking; Ctrl-C interrupts it)",
+    "think <seconds>  (a slow model call)",
+  ].map((p) => `  - ${p}`).join("\n");
 
 function unquote(text: string): string {
   return text.trim().replace(/^["'`](.*)["'`]$/, "$1");
