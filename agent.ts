@@ -39,7 +39,7 @@ import * as path from "node:path";
 import process from "node:process";
 import * as readline from "node:readline";
 import { Writable } from "node:stream";
-import { clearInterval, clearTimeout, setInterval, setTimeout } from "node:timers";
+import { clearInterval, clearTimeout, setImmediate, setInterval, setTimeout } from "node:timers";
 import { setTimeout as sleep } from "node:timers/promises";
 import * as util from "node:util";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -765,8 +765,9 @@ export class ShellProcess {
   private onShellExit(code: number | null, signal: string | null): void {
     this.exitCode = code;
     this.signal = signal;
-    // The shell is gone; whatever it left behind in its session would keep the pipes open.
-    this.signalAll("SIGKILL");
+    // The shell is gone; what it left in its group would keep the pipes open. The rest of its
+    // session is swept when the process has finished (finish), off the notification's path.
+    signalQuietly(-this.child!.pid!, "SIGKILL");
     // A process that left the session (setsid, a daemon) may hold them still: stop waiting.
     this.after(PIPE_GRACE_MS, () => {
       this.child?.stdout?.destroy();
@@ -795,6 +796,7 @@ export class ShellProcess {
     for (const watcher of this.idleWatchers) watcher.stop();
     ShellProcess.live.delete(this);
     ShellProcess.onLiveChange?.();
+    if (this.child?.pid !== undefined) setImmediate(() => this.signalAll("SIGKILL"));
     this.log?.close();
     this.error = startError;
     this.endedAt = Date.now();
@@ -900,7 +902,7 @@ class IdleWatcher {
 
 /** Finds the first output line that matches a pattern, across chunk boundaries. */
 class LineScanner {
-  private decoder = new TextDecoder("utf-8");
+  private cutCharacter = Buffer.alloc(0); // the start of a character the last chunk cut off
   private partial = ""; // the line being printed, up to MAX_LINE characters
   private multiline: RegExp;
   private static readonly MAX_LINE = 4096;
@@ -911,19 +913,22 @@ class LineScanner {
 
   /** Returns the matching line, or null. One regex scan per chunk, not one per line. */
   push(chunk: Buffer): string | null {
-    const text = this.partial + this.decoder.decode(chunk, { stream: true });
+    // Buffer's own decoding is several times faster than a streaming TextDecoder; a character
+    // cut at the chunk's end waits for the next chunk.
+    const bytes = this.cutCharacter.length > 0 ? Buffer.concat([this.cutCharacter, chunk]) : chunk;
+    const whole = completeUtf8(bytes);
+    this.cutCharacter = Buffer.from(bytes.subarray(whole));
+    const text = this.partial + bytes.toString("utf8", 0, whole);
     const lastNewline = text.lastIndexOf("\n");
     this.partial = text.slice(lastNewline + 1).slice(-LineScanner.MAX_LINE);
-    if (lastNewline === -1) return null;
-    const complete = text.slice(0, lastNewline);
-    const match = this.multiline.exec(complete);
-    if (match === null) return null;
-    const start = complete.lastIndexOf("\n", match.index) + 1;
-    const end = complete.indexOf("\n", match.index);
-    const line = complete.slice(start, end === -1 ? undefined : end);
+    const match = lastNewline === -1 ? null : this.multiline.exec(text);
+    // A match in the unfinished last line waits until the line is whole.
+    if (match === null || match.index >= lastNewline) return null;
+    const start = text.lastIndexOf("\n", match.index) + 1;
+    const line = text.slice(start, text.indexOf("\n", match.index));
     if (this.pattern.test(line)) return line;
-    // The match ran across lines: look at each line on its own.
-    return complete.split("\n").find((l) => this.pattern.test(l)) ?? null;
+    // The match ran across lines: look at each whole line on its own.
+    return text.slice(0, lastNewline).split("\n").find((l) => this.pattern.test(l)) ?? null;
   }
 
   /** A last line without a newline (a prompt, a banner) counts once output has paused. */
