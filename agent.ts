@@ -122,8 +122,6 @@ export interface BackgroundTask {
   readonly ended: Promise<void>;
   /** How far the model has read the output with check_background: a read shows what is new. */
   read: { bytes: number; lines: number };
-  /** The model has seen how it ended (in a check), so its end is not announced again. */
-  endSeen: boolean;
   /** Stopped by the user with /kill: the CLI does not wake the model for it. */
   killedByUser: boolean;
 }
@@ -164,13 +162,11 @@ export class BackgroundManager {
       ready: options.ready ?? null,
       quietAfterSec: options.quietAfterSec ?? DEFAULT_QUIET_AFTER_SEC,
     });
-    const ended = proc.done.then(() => this.finish(task));
     const task: BackgroundTask = {
       id,
       process: proc,
-      ended,
+      ended: proc.done.then(() => this.finish(task)), // runs once the process has ended
       read: { bytes: 0, lines: 0 },
-      endSeen: false,
       killedByUser: false,
     };
     // What the process notices in its output becomes a notification too.
@@ -248,7 +244,6 @@ export class BackgroundManager {
   /** The model has seen how this task ended: drop its queued end notification, if any. */
   markEndSeen(task: BackgroundTask): void {
     if (task.process.status === "running") return;
-    task.endSeen = true;
     this.queue = this.queue.filter((n) => !(n.taskId === task.id && n.kind === "ended"));
   }
 
@@ -613,6 +608,7 @@ async function runToolCalls(
 // and for a question it cannot answer. A first reading may skip this section.
 // ---------------------------------------------------------------------------
 
+export const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 export const SHELL = "bash";
 export const OUTPUT_HEAD_BYTES = 25_000;
 export const OUTPUT_TAIL_BYTES = 25_000;
@@ -913,12 +909,11 @@ class LineScanner {
 
   /** Returns the matching line, or null. One regex scan per chunk, not one per line. */
   push(chunk: Buffer): string | null {
-    // Buffer's own decoding is several times faster than a streaming TextDecoder; a character
-    // cut at the chunk's end waits for the next chunk.
+    // A character cut at the chunk's end waits for the next chunk.
     const bytes = this.cutCharacter.length > 0 ? Buffer.concat([this.cutCharacter, chunk]) : chunk;
     const whole = completeUtf8(bytes);
     this.cutCharacter = Buffer.from(bytes.subarray(whole));
-    const text = this.partial + bytes.toString("utf8", 0, whole);
+    const text = this.partial + decodeFast(bytes.subarray(0, whole));
     const lastNewline = text.lastIndexOf("\n");
     this.partial = text.slice(lastNewline + 1).slice(-LineScanner.MAX_LINE);
     const match = lastNewline === -1 ? null : this.multiline.exec(text);
@@ -1038,6 +1033,11 @@ const utf8Decoder = new TextDecoder("utf-8"); // not fatal: invalid bytes become
 
 function decodeUtf8(bytes: Uint8Array): string {
   return utf8Decoder.decode(bytes);
+}
+
+/** The same, for every chunk of output: Buffer is 3-5x faster on Node, TextDecoder on Deno. */
+function decodeFast(bytes: Buffer): string {
+  return isDeno ? utf8Decoder.decode(bytes) : bytes.toString("utf8");
 }
 
 /** How many bytes end on a character boundary (a character cut off at the end is left out). */
@@ -2939,8 +2939,6 @@ async function playDemo(session: Session): Promise<boolean> {
   return skip.signal.aborted;
 }
 
-export const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
-
 interface DenoPermissionsApi {
   permissions: {
     querySync(descriptor: { name: string }): { state: string };
@@ -3027,7 +3025,10 @@ export async function main(args: string[]): Promise<void> {
 function startSession(options: CliOptions, hasKey: boolean): Session {
   const out = new Printer(process.stdout, options.json);
   const err = new Printer(process.stderr, options.json);
-  warnings.print = (text) => err.line(err.color.yellow(text));
+  warnings.print = (text) => {
+    out.endLine(); // a warning starts on a line of its own, even mid-answer
+    err.line(err.color.yellow(text));
+  };
   if (!hasKey && !options.demo && options.prompt !== null) {
     process.stderr.write(
       "error: no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in .env), " +
