@@ -2200,7 +2200,8 @@ describe("9. The command line, in a real terminal (tmux)", () => {
             () => agent.screen().replace(/\n/g, "").endsWith(`s08 >> ${typed}`),
             "the redrawn prompt",
           );
-          const lines = agent.lines().filter((l) => l !== ""); // wrapped rows joined
+          const lines = agent.lines(); // wrapped rows joined
+          while (lines.at(-1) === "") lines.pop(); // the empty rows below the prompt
           assert.equal(lines.at(-1), `s08 >> ${typed}`, `${columns} columns: the prompt, whole`);
           assert.match(
             lines.at(-2)!,

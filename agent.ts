@@ -2764,8 +2764,9 @@ class Repl {
     if (!this.interactive || this.session.stopping.signal.aborted) return;
     this.out.endLine();
     this.screen.muted = false;
-    // readline redraws from `rows` above the cursor: give it those rows below this point.
-    this.out.write("\n".repeat(this.rl.getCursorPos().rows));
+    // readline redraws its prompt from as many rows up as it last drew it (prevRows, not in
+    // its typings). We are on a fresh line with nothing of it above, so that is 0 rows.
+    (this.rl as unknown as { prevRows: number }).prevRows = 0;
     this.rl.setPrompt(promptText(this.session.background.runningCount()));
     this.rl.prompt(true); // true: keep the typed text and the cursor in it
     this.out.atLineStart = false;
