@@ -3052,6 +3052,29 @@ function startSession(options: CliOptions, hasKey: boolean): Session {
       "No ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set: the offline demo (scripted model).",
     );
   }
+  const logs = takeOwnership(options, err, cleanups);
+  const session: Session = {
+    config,
+    model: useDemo ? demoModel() : anthropicModel(config),
+    background: new BackgroundManager(config.workdir, { logs }),
+    history: [],
+    stats: { modelCalls: 0, inputTokens: 0, outputTokens: 0 },
+    out,
+    err,
+    stopping: new AbortController(),
+    cleanups,
+    onInterrupt: () => void exitCleanly(session, 130),
+  };
+  installExitHandlers(session);
+  if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
+  return session;
+}
+
+/**
+ * The agent's folder under the OS temp dir: first end what a crashed agent left running, then
+ * record what this one owns, and keep its task logs there. Returns the log folder.
+ */
+function takeOwnership(options: CliOptions, err: Printer, cleanups: Array<() => void>): LogFolder {
   const stateDir = path.join(os.tmpdir(), "s08-agent");
   const orphans = OwnedSessions.reapOrphans(stateDir);
   if (orphans.length > 0) {
@@ -3068,21 +3091,7 @@ function startSession(options: CliOptions, hasKey: boolean): Session {
   if (options.keepLogs) {
     cleanups.push(() => void process.stderr.write(`Task logs kept in ${logs.dir}\n`));
   } else cleanups.push(() => logs.removeAll());
-  const session: Session = {
-    config,
-    model: useDemo ? demoModel() : anthropicModel(config),
-    background: new BackgroundManager(config.workdir, { logs }),
-    history: [],
-    stats: { modelCalls: 0, inputTokens: 0, outputTokens: 0 },
-    out,
-    err,
-    stopping: new AbortController(),
-    cleanups,
-    onInterrupt: () => void exitCleanly(session, 130),
-  };
-  installExitHandlers(session);
-  if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
-  return session;
+  return logs;
 }
 
 function isMainModule(): boolean {
