@@ -133,6 +133,14 @@ export interface Notification {
   text: string; // "completed (exit 0, 5.0s): done"
 }
 
+/**
+ * Background tasks and the queue of what they report.
+ * @example
+ * const background = new BackgroundManager(process.cwd());
+ * const id = background.run("sleep 1 && echo done"); // returns at once, the process runs
+ * await background.nextNotification(); // no polling: a promise
+ * background.drain(); // [{ taskId: id, kind: "ended", text: "completed (exit 0, 1.0s): done" }]
+ */
 export class BackgroundManager {
   readonly tasks = new Map<string, BackgroundTask>();
   /** Called for every notification as it is queued (the CLI prints a live notice). */
@@ -430,17 +438,6 @@ async function checkSeveral(input: Record<string, unknown>, wait: number, contex
 // tools (in one-shot mode, only once no task is still running).
 // ---------------------------------------------------------------------------
 
-export interface LoopOptions {
-  model: Model;
-  background: BackgroundManager;
-  workdir: string;
-  /** One-shot mode: when the model ends its turn while tasks run, wait for them and go on. */
-  waitForBackground?: boolean;
-  signal?: AbortSignal;
-  events?: LoopEvents;
-  stats?: LoopStats;
-}
-
 /** Left in the history when the user stops a turn, so the model knows why it was cut short. */
 export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
 
@@ -448,6 +445,10 @@ export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
  * Runs one turn: the user's text (or, with null, only what background tasks reported) until
  * the model stops calling tools. The history is valid for the Messages API whenever this
  * returns or throws. Returns the model's last text.
+ * @example
+ * const history: Anthropic.MessageParam[] = [];
+ * const options = { model: anthropicModel(readConfig()), background, workdir: process.cwd() };
+ * console.log(await agentLoop(history, "run the tests in the background", options));
  */
 export async function agentLoop(
   history: Anthropic.MessageParam[],
@@ -1919,6 +1920,17 @@ export interface CallOptions {
 export interface Model {
   name: string;
   createMessage(request: ModelRequest, options: CallOptions): Promise<ModelReply>;
+}
+
+export interface LoopOptions {
+  model: Model;
+  background: BackgroundManager;
+  workdir: string;
+  /** One-shot mode: when the model ends its turn while tasks run, wait for them and go on. */
+  waitForBackground?: boolean;
+  signal?: AbortSignal;
+  events?: LoopEvents;
+  stats?: LoopStats;
 }
 
 export interface LoopEvents {
