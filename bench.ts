@@ -342,6 +342,7 @@ async function probe(kind: string, arg: string): Promise<void> {
   result.peak = (Math.max(peak, process.memoryUsage().rss) - idle) / 1e6;
   result.idle = idle / 1e6;
   console.log(JSON.stringify(result));
+  fs.rmSync(workdir, { recursive: true, force: true }); // each probe process has its own
 }
 
 function selfCommand(extra: string[]): string[] {
