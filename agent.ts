@@ -2972,15 +2972,12 @@ const DENO_PERMISSIONS: Array<[string, string]> = [
  * Deno only: asks for every missing permission once, up front, on a terminal (never mid-run);
  * without a terminal, says in one line how to run it. Returns false when it cannot go on.
  */
-function denoPermissionsGranted(needsNet: (envGranted: boolean) => boolean): boolean {
+function denoPermissionsGranted(kinds: string[]): boolean {
   const deno = (globalThis as { Deno?: DenoPermissionsApi }).Deno;
   if (!deno) return true;
-  const state = (name: string) => deno.permissions.querySync({ name }).state;
-  const missing = (kinds: Array<[string, string]>) =>
-    kinds.filter(([name]) => state(name) !== "granted");
-  const envGranted = state("env") === "granted";
-  let wanted = missing(DENO_PERMISSIONS.filter(([name]) => name !== "net"));
-  if (needsNet(envGranted)) wanted = missing(DENO_PERMISSIONS);
+  const wanted = DENO_PERMISSIONS.filter(([name]) =>
+    kinds.includes(name) && deno.permissions.querySync({ name }).state !== "granted"
+  );
   if (wanted.length === 0) return true;
   const main = fileURLToPath(import.meta.url);
   let shown = main;
@@ -3002,7 +2999,7 @@ function denoPermissionsGranted(needsNet: (envGranted: boolean) => boolean): boo
   const denied = wanted.filter(([name]) =>
     deno.permissions.requestSync({ name }).state !== "granted"
   );
-  if (denied.length === 0) return denoPermissionsGranted(needsNet); // env may add net
+  if (denied.length === 0) return true;
   process.stderr.write(`denied: ${denied.map(([n]) => n).join(", ")}. Run: ${command}\n`);
   return false;
 }
@@ -3019,15 +3016,12 @@ export async function main(args: string[]): Promise<void> {
     process.stdout.write(HELP + "\n");
     return;
   }
-  const hasKeyIn = (env: Record<string, string | undefined>) =>
-    Boolean(env.ANTHROPIC_API_KEY || env.ANTHROPIC_AUTH_TOKEN);
-  if (
-    !denoPermissionsGranted((envGranted) => !options.demo && envGranted && hasKeyIn(process.env))
-  ) {
-    process.exit(2);
-  }
+  // Deno: first what every run needs; the network only once we know there is a key to use.
+  if (!denoPermissionsGranted(["read", "write", "run", "env"])) process.exit(2);
   loadDotEnv(path.join(process.cwd(), ".env"));
-  const session = startSession(options, hasKeyIn(process.env));
+  const hasKey = Boolean(process.env.ANTHROPIC_API_KEY || process.env.ANTHROPIC_AUTH_TOKEN);
+  if (hasKey && !options.demo && !denoPermissionsGranted(["net"])) process.exit(2);
+  const session = startSession(options, hasKey);
   if (options.prompt !== null) await runOneShot(session, options.prompt, options.json);
   const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
   const skipped = playsDemo ? await playDemo(session) : false;
