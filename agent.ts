@@ -3061,7 +3061,8 @@ function startSession(options: CliOptions, hasKey: boolean): Session {
   const logs = takeOwnership(options, err, cleanups);
   const session: Session = {
     config,
-    model: useDemo ? demoModel() : anthropicModel(config),
+    // The demo model pauses as if thinking, for a person watching; piped output skips it.
+    model: useDemo ? demoModel(out.stream.isTTY ? 400 : 0) : anthropicModel(config),
     background: new BackgroundManager(config.workdir, { logs }),
     history: [],
     stats: { modelCalls: 0, inputTokens: 0, outputTokens: 0 },
