@@ -2090,7 +2090,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
         "the wake-up while stdin is open",
       );
       agent.child.stdin.end(); // EOF: no more questions, but a task still runs
-      await new Promise((resolve) => setTimeout(resolve, 300));
+      await new Promise((resolve) => setTimeout(resolve, 500));
       assert.equal(agent.child.exitCode, null, "it waits for the running task");
       fs.writeFileSync(path.join(dir, "go"), "");
       const { code, stdout } = await agent.exited;
@@ -2393,7 +2393,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
           `the ${kind} question`,
         );
         // Deno drops keys typed before it starts reading the answer: give it a moment.
-        await new Promise((resolve) => setTimeout(resolve, 300));
+        await new Promise((resolve) => setTimeout(resolve, 500));
         agent.type("y");
         agent.key("Enter");
         await eventually(
