@@ -163,12 +163,24 @@ export class BackgroundManager {
     }
     let id = newTaskId();
     while (this.tasks.has(id)) id = newTaskId();
+    // The callbacks below run later, when output arrives; by then `task` exists.
     const proc = new ShellProcess(command, {
       cwd: this.workdir,
       timeoutSec: options.timeoutSec ?? DEFAULT_BACKGROUND_TIMEOUT_SEC,
       log: this.options.logs?.open(id) ?? null,
       ready: options.ready ?? null,
       quietAfterSec: options.quietAfterSec ?? DEFAULT_QUIET_AFTER_SEC,
+      // What the process notices in its output becomes a notification too.
+      onReady: (line) => this.notify(task, "ready", `ready (${elapsed(proc)}): ${line}`),
+      onQuiet: (seconds, lastLine) =>
+        this.notify(task, "quiet", `quiet for ${seconds}s (still running; last line: ${lastLine})`),
+      onInputWanted: (lastLine) =>
+        this.notify(
+          task,
+          "input",
+          `seems to wait for input: ${lastLine} (stdin is /dev/null; ` +
+            "kill it and rerun it with a flag that answers, e.g. --yes)",
+        ),
     });
     const task: BackgroundTask = {
       id,
@@ -177,17 +189,6 @@ export class BackgroundManager {
       read: { bytes: 0, lines: 0 },
       killedByUser: false,
     };
-    // What the process notices in its output becomes a notification too.
-    proc.onReady = (line) => this.notify(task, "ready", `ready (${elapsed(proc)}): ${line}`);
-    proc.onQuiet = (seconds, lastLine) =>
-      this.notify(task, "quiet", `quiet for ${seconds}s (still running; last line: ${lastLine})`);
-    proc.onInputWanted = (lastLine) =>
-      this.notify(
-        task,
-        "input",
-        `seems to wait for input: ${lastLine} (stdin is /dev/null; ` +
-          "kill it and rerun it with a flag that answers, e.g. --yes)",
-      );
     this.tasks.set(id, task);
     this.running++;
     return id;
@@ -240,13 +241,12 @@ export class BackgroundManager {
     if (until === "any" && running.length < tasks.length) return;
     const ends = running.map((t) => t.ended);
     const condition = until === "any" ? Promise.race(ends) : Promise.all(ends);
-    const stop = new AbortController();
-    const onAbort = () => stop.abort();
-    signal?.addEventListener("abort", onAbort);
-    const deadline = sleep(seconds * 1000, undefined, { signal: stop.signal }).catch(() => {});
+    // The deadline ends early when the caller aborts (Ctrl-C), or when the condition holds.
+    const done = new AbortController();
+    const stop = signal ? AbortSignal.any([signal, done.signal]) : done.signal;
+    const deadline = sleep(seconds * 1000, undefined, { signal: stop }).catch(() => {});
     await Promise.race([condition, deadline]);
-    stop.abort(); // clears the deadline's timer
-    signal?.removeEventListener("abort", onAbort);
+    done.abort(); // clears the deadline's timer
   }
 
   /** The model has seen how this task ended: drop its queued end notification, if any. */
@@ -474,7 +474,7 @@ export async function agentLoop(
       const content = recordReply(history, reply);
       const text = content.flatMap((b) => (b.type === "text" ? [b.text] : [])).join("\n");
       if (text) finalText = text;
-      const toolCalls = content.filter((b) => b.type === "tool_use");
+      const toolCalls = content.filter((b): b is ToolCall => b.type === "tool_use");
       if (toolCalls.length === 0) continue; // the model is done, unless results came in
       const results = await runToolCalls(toolCalls, reply.stop_reason, options);
       history.push({ role: "user", content: results });
@@ -540,7 +540,7 @@ async function callModel(history: Anthropic.MessageParam[], options: LoopOptions
   const request: ModelRequest = {
     system: systemPrompt(options.workdir),
     messages: history,
-    tools: toolSchemas(),
+    tools: TOOL_SCHEMAS,
     max_tokens: MAX_OUTPUT_TOKENS,
   };
   const reply = await options.model.createMessage(request, {
@@ -564,7 +564,7 @@ const CUT_OFF_TOOL_CALL = "Error: not run: your reply hit max_tokens before this
 
 /** Step 3: every tool_use is answered by a tool_result, in order, in the next user message. */
 async function runToolCalls(
-  calls: ReplyBlock[],
+  calls: ToolCall[],
   stopReason: string | null,
   options: LoopOptions,
 ): Promise<Anthropic.ToolResultBlockParam[]> {
@@ -572,7 +572,6 @@ async function runToolCalls(
   const context: ToolContext = { workdir: options.workdir, background: options.background, signal };
   const results: Anthropic.ToolResultBlockParam[] = [];
   for (const call of calls) {
-    if (call.type !== "tool_use") continue;
     let outcome: ToolOutcome;
     if (stopReason === "max_tokens" && call === calls.at(-1)) { // its input may be cut off
       outcome = { isError: true, content: CUT_OFF_TOOL_CALL };
@@ -630,8 +629,24 @@ export interface ShellOptions {
   cwd: string;
   timeoutSec: number;
   log?: TaskLog | null;
+  /** The first output line that matches is reported to onReady. */
   ready?: RegExp | null;
+  /** Seconds without output before onQuiet; 0 turns it off. */
   quietAfterSec?: number;
+  onReady?: (line: string) => void;
+  onQuiet?: (seconds: number, lastLine: string) => void;
+  /** The output ends in a question (`[y/N]`, `password:`) that has waited a few seconds. */
+  onInputWanted?: (lastLine: string) => void;
+}
+
+/** What background_run may ask for; the manager fills in the rest and the callbacks. */
+export type RunOptions = Partial<Pick<ShellOptions, "timeoutSec" | "ready" | "quietAfterSec">>;
+
+export interface ManagerOptions {
+  maxRunning?: number;
+  keepOutputOf?: number;
+  /** Where task logs go (the whole output, capped); null keeps output in memory only. */
+  logs?: LogFolder | null;
 }
 
 /** One shell command in its own session: output kept, watched, and a kill that reaches it all. */
@@ -652,9 +667,6 @@ export class ShellProcess {
   readonly log: TaskLog | null;
   readonly readyPattern: RegExp | null;
   readyLine: string | null = null;
-  onReady: ((line: string) => void) | null = null;
-  onQuiet: ((seconds: number, lastLine: string) => void) | null = null;
-  onInputWanted: ((lastLine: string) => void) | null = null;
 
   private resolveDone!: () => void;
   private child: ChildProcess | null = null;
@@ -688,7 +700,7 @@ export class ShellProcess {
     this.child.on("exit", (code, signal) => this.onShellExit(code, signal));
     this.child.on("close", () => this.finish(null));
     this.after(options.timeoutSec * 1000, () => this.kill("timeout"));
-    this.watchSilence(options.quietAfterSec ?? 0);
+    this.watchSilence();
   }
 
   get pid(): number | undefined {
@@ -727,36 +739,38 @@ export class ShellProcess {
 
   private becomeReady(line: string): void {
     this.readyLine = cutText(cleanOutput(line).trim(), 300);
-    this.onReady?.(this.readyLine);
+    this.options.onReady?.(this.readyLine);
   }
 
-  /** Silence tells three things: a quiet task, a final ready line, a question it waits on. */
-  private watchSilence(quietAfterSec: number): void {
-    const lastOutputAt = () => this.lastOutputAt;
-    if (quietAfterSec > 0) {
-      this.idleWatchers.push(
-        new IdleWatcher(quietAfterSec * 1000, lastOutputAt, () => {
-          this.onQuiet?.(quietAfterSec, this.output?.lastLine() || "(no output yet)");
-        }),
+  /**
+   * Silence tells three things: a quiet task, a final ready line, a question it waits on.
+   * Each is watched only when someone listens (a blocking bash command watches none).
+   */
+  private watchSilence(): void {
+    const { quietAfterSec = 0, onQuiet, onInputWanted } = this.options;
+    const watch = (ms: number, check: () => void) =>
+      this.idleWatchers.push(new IdleWatcher(ms, () => this.lastOutputAt, check));
+    if (onQuiet && quietAfterSec > 0) {
+      watch(
+        quietAfterSec * 1000,
+        () => onQuiet(quietAfterSec, this.output?.lastLine() || "(no output yet)"),
       );
     }
     if (this.readyScan !== null) {
-      this.idleWatchers.push(
-        new IdleWatcher(PARTIAL_LINE_SETTLE_MS, lastOutputAt, () => {
-          const line = this.readyLine === null ? this.readyScan!.testPartialLine() : null;
-          if (line !== null) this.becomeReady(line);
-        }),
-      );
+      watch(PARTIAL_LINE_SETTLE_MS, () => {
+        const line = this.readyLine === null ? this.readyScan!.testPartialLine() : null;
+        if (line !== null) this.becomeReady(line);
+      });
     }
-    let asked = false; // named once per task
-    this.idleWatchers.push(
-      new IdleWatcher(INPUT_PROMPT_SETTLE_MS, lastOutputAt, () => {
+    if (onInputWanted) {
+      let asked = false; // named once per task
+      watch(INPUT_PROMPT_SETTLE_MS, () => {
         const question = cleanOutput(this.output?.partialLine() ?? "").trim();
         if (asked || !INPUT_PROMPT.test(question)) return;
         asked = true;
-        this.onInputWanted?.(cutText(question, 200));
-      }),
-    );
+        onInputWanted(cutText(question, 200));
+      });
+    }
   }
 
   private onShellExit(code: number | null, signal: string | null): void {
@@ -1083,12 +1097,11 @@ export class TaskLog {
     if (this.fd === null) return;
     this.bytesWritten += chunk.length;
     try {
-      // Append what fits under the cap (before the first roll, fill the file up to it).
-      const room = this.cap - this.fileBytes;
-      const fits = this.droppedBytes === 0 || chunk.length <= room ? Math.max(0, room) : 0;
+      // Append what fits under the cap; past it, the rest rolls.
+      const fits = Math.min(chunk.length, this.cap - this.fileBytes);
       writeAllAt(this.fd, chunk.subarray(0, fits), this.fileBytes);
-      this.fileBytes += Math.min(fits, chunk.length);
-      if (chunk.length > fits) this.roll(chunk.subarray(fits));
+      this.fileBytes += fits;
+      if (fits < chunk.length) this.roll(chunk.subarray(fits));
     } catch (err) { // a full disk, say: stop logging, keep the task running
       warnOnce("log-write", `warning: task log ${this.file}: ${(err as Error).message}`);
       this.close();
@@ -1119,7 +1132,7 @@ export class TaskLog {
   /** "/tmp/s08-agent/…/1a2b3c4d.log (1234 bytes)", as check results and notices name it. */
   describe(): string {
     if (this.removed) {
-      return `${this.file} (removed: the log folder keeps ${mb(LOG_FOLDER_CAP_BYTES)} in all)`;
+      return `${this.file} (removed: the log folder keeps the newest logs under its cap)`;
     }
     const cut = this.droppedBytes > 0 ? `; ${this.droppedBytes} bytes dropped from the middle` : "";
     return `${this.file} (${this.fileBytes} bytes${cut})`;
@@ -1149,10 +1162,6 @@ function writeAllAt(fd: number, bytes: Uint8Array, position: number): void {
   for (let done = 0; done < bytes.length;) {
     done += fs.writeSync(fd, bytes, done, bytes.length - done, position + done);
   }
-}
-
-function mb(bytes: number): string {
-  return `${Math.round(bytes / 1024 / 1024)} MB`;
 }
 
 /** The agent's folder of task logs: each capped; past the total cap, the oldest finished go. */
@@ -1281,51 +1290,16 @@ function endOrphanSession(session: OwnerRecord["sessions"][number]): boolean {
   return members.length > 0;
 }
 
-export interface RunOptions {
-  timeoutSec?: number;
-  /** The first output line that matches queues a "ready" notification. */
-  ready?: RegExp | null;
-  /** Seconds without output before a "quiet" notice; 0 turns it off. */
-  quietAfterSec?: number;
-}
-
-export interface ManagerOptions {
-  maxRunning?: number;
-  keepOutputOf?: number;
-  /** Where task logs go (the whole output, capped); null keeps output in memory only. */
-  logs?: LogFolder | null;
-}
-
-/** The output part of a check: new output since the last read, or a tail or filter view. */
-function outputView(task: BackgroundTask, input: Record<string, unknown>): string {
-  const output = task.process.output;
-  if (output === null) return "Output: (released: only the newest finished tasks keep it)";
-  if (input.tail !== undefined || input.filter !== undefined) {
-    // Views over everything kept; they do not move the read position.
-    const tail = input.tail as number | undefined;
-    if (tail !== undefined && tail < 1) throw new ToolError("tail must be at least 1");
-    const pattern = input.filter === undefined ? null : regexFrom(input.filter as string, "filter");
-    let lines = cleanOutput(output.text()).replace(/\n$/, "").split("\n");
-    if (pattern) lines = lines.filter((line) => pattern.test(line));
-    if (tail !== undefined) lines = lines.slice(-tail);
-    const what = [pattern && `matching /${pattern.source}/`, tail && `last ${tail}`];
-    return `Output (${what.filter(Boolean).join(", ")}; ${lines.length} lines):\n` +
-      (lines.join("\n").trim() || "(none)");
-  }
-  const { text, end } = output.textSince(task.read.bytes);
-  const earlier = task.read.lines;
-  task.read = { bytes: end, lines: output.totalLines };
-  const heading = earlier > 0
-    ? `Output since your last check (${earlier} earlier lines):`
-    : "Output:";
-  return `${heading}\n${cleanOutput(text).trim() || "(nothing new)"}`;
-}
-
 // How a process's state is said, everywhere: the model, the notices and /tasks share these.
 
-/** "3.2s": how long it has run, or ran. */
-export function elapsed(proc: ShellProcess, now = Date.now()): string {
-  return `${(((proc.endedAt ?? now) - proc.startedAt) / 1000).toFixed(1)}s`;
+/** How long it has run, or ran, in seconds. */
+export function secondsOf(proc: ShellProcess): number {
+  return ((proc.endedAt ?? Date.now()) - proc.startedAt) / 1000;
+}
+
+/** "3.2s" */
+export function elapsed(proc: ShellProcess): string {
+  return `${secondsOf(proc).toFixed(1)}s`;
 }
 
 /** "running 3.2s" or "completed (exit 0, 5.0s)": the one wording of a state. */
@@ -1789,6 +1763,33 @@ function regexFrom(source: string, field: string): RegExp {
   }
 }
 
+// The background tools' helpers: what a check shows, the task list, a task by its id.
+
+/** The output part of a check: new output since the last read, or a tail or filter view. */
+function outputView(task: BackgroundTask, input: Record<string, unknown>): string {
+  const output = task.process.output;
+  if (output === null) return "Output: (released: only the newest finished tasks keep it)";
+  if (input.tail !== undefined || input.filter !== undefined) {
+    // Views over everything kept; they do not move the read position.
+    const tail = input.tail as number | undefined;
+    if (tail !== undefined && tail < 1) throw new ToolError("tail must be at least 1");
+    const pattern = input.filter === undefined ? null : regexFrom(input.filter as string, "filter");
+    let lines = cleanOutput(output.text()).replace(/\n$/, "").split("\n");
+    if (pattern) lines = lines.filter((line) => pattern.test(line));
+    if (tail !== undefined) lines = lines.slice(-tail);
+    const what = [pattern && `matching /${pattern.source}/`, tail && `last ${tail}`];
+    return `Output (${what.filter(Boolean).join(", ")}; ${lines.length} lines):\n` +
+      (lines.join("\n").trim() || "(none)");
+  }
+  const { text, end } = output.textSince(task.read.bytes);
+  const earlier = task.read.lines;
+  task.read = { bytes: end, lines: output.totalLines };
+  const heading = earlier > 0
+    ? `Output since your last check (${earlier} earlier lines):`
+    : "Output:";
+  return `${heading}\n${cleanOutput(text).trim() || "(nothing new)"}`;
+}
+
 /** The task list, newest last, capped so a long session cannot flood the model. */
 function taskList(background: BackgroundManager): string {
   const tasks = [...background.tasks.values()];
@@ -1814,6 +1815,9 @@ function requireTask(context: ToolContext, id: unknown): BackgroundTask {
 export function toolSchemas(tools = TOOLS): Anthropic.Tool[] {
   return tools.map(({ name, description, input_schema }) => ({ name, description, input_schema }));
 }
+
+/** Built once: every request sends the same tools. */
+const TOOL_SCHEMAS = toolSchemas();
 
 /** Checks the input against the tool's schema: an object, required fields present, types right. */
 export function validateToolInput(tool: ToolDefinition, input: unknown): Record<string, unknown> {
@@ -1896,6 +1900,7 @@ function capToolResult(content: string): string {
 export type ReplyBlock =
   | { type: "text"; text: string }
   | { type: "tool_use"; id: string; name: string; input: unknown };
+export type ToolCall = Extract<ReplyBlock, { type: "tool_use" }>;
 
 export interface ModelRequest {
   system: string;
@@ -2280,7 +2285,7 @@ function demoAnswerTo(prompt: string): ModelReply {
       { tool: "background_run", input: { command: "sleep 6" } },
     );
   }
-  if (lower.includes("dev server") || lower.includes("server")) {
+  if (lower.includes("server")) {
     return scriptedReply(
       "Starting the dev server (a stand-in here) with a ready pattern for its Local: line.",
       { tool: "background_run", input: { command: DEMO_SERVER_COMMAND, ready: "Local:" } },
@@ -2600,17 +2605,11 @@ interface Session {
   onInterrupt: () => void;
 }
 
-/** The loop options every way of running a prompt shares. */
+/** The loop options every way of running a prompt shares; shutting down aborts every turn. */
 function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions {
-  const { model, background, stats, config } = session;
-  return {
-    model,
-    background,
-    stats,
-    workdir: config.workdir,
-    signal: session.stopping.signal,
-    ...more,
-  };
+  const { model, background, stats, config, stopping } = session;
+  const signal = more.signal ? AbortSignal.any([more.signal, stopping.signal]) : stopping.signal;
+  return { model, background, stats, workdir: config.workdir, ...more, signal };
 }
 
 /**
@@ -2623,10 +2622,8 @@ async function exitCleanly(session: Session, code: number): Promise<never> {
   session.background.onNotification = null; // tasks killed now wake nothing, print nothing
   session.out.finish();
   session.err.finish();
-  await Promise.race([
-    Promise.all([session.background.shutdown(), ShellProcess.killAll()]),
-    sleep(KILL_GRACE_MS + 1000),
-  ]);
+  // Every process the agent started: the background tasks and a blocking bash command.
+  await Promise.race([ShellProcess.killAll(), sleep(KILL_GRACE_MS + 1000)]);
   for (const cleanup of session.cleanups) {
     try {
       cleanup();
@@ -2651,51 +2648,53 @@ function installExitHandlers(session: Session): void {
   process.on("exit", () => {
     for (const proc of ShellProcess.live) proc.killNow();
   });
-  // Output that nobody reads any more is not an error: end quietly, never write about it.
-  const onOutputError = (err: NodeJS.ErrnoException): void => {
-    if (!["EPIPE", "EIO", "ECONNRESET"].includes(err.code ?? "")) return crash(err);
-    session.out.stream.destroy();
-    session.err.stream.destroy();
-    void exitCleanly(session, 0);
-  };
-  process.stdout.on("error", onOutputError);
-  process.stderr.on("error", onOutputError);
   let crashed = false;
   const crash = (err: unknown): void => {
-    const code = (err as NodeJS.ErrnoException)?.code;
-    if (code === "EPIPE" || /broken pipe/i.test(String(err))) {
-      return onOutputError({ ...(err as Error), code: "EPIPE" });
+    // Output that nobody reads any more is not an error: end quietly, never write about it.
+    const code = (err as NodeJS.ErrnoException)?.code ?? "";
+    if (["EPIPE", "EIO", "ECONNRESET"].includes(code) || /broken pipe/i.test(String(err))) {
+      session.out.stream.destroy();
+      session.err.stream.destroy();
+      return void exitCleanly(session, 0);
     }
     if (crashed) return; // never loop on a failing error report
     crashed = true;
     session.err.line(`error: ${err instanceof Error ? err.message : String(err)}`);
     void exitCleanly(session, 1);
   };
+  process.stdout.on("error", crash);
+  process.stderr.on("error", crash);
   process.on("uncaughtException", crash);
   process.on("unhandledRejection", crash);
 }
 
 async function runOneShot(session: Session, prompt: string, json: boolean): Promise<never> {
   const { out, err } = session;
-  const events = loopEventsFor(out, err);
   session.background.onNotification = (notification, task) => {
     out.endLine();
     err.line(err.color.dim(formatNotice(notification, task)));
   };
-  let finalText: string;
+  const finalText = await runToEnd(session, prompt, loopEventsFor(out, err));
+  if (json) process.stdout.write(JSON.stringify(jsonResult(session, finalText)) + "\n");
+  else out.endLine();
+  return exitCleanly(session, 0);
+}
+
+/**
+ * One-shot runs and the end of piped input: a turn that waits for every running task and
+ * reports what they did. On failure: one line on stderr (also with --json) and exit 1.
+ */
+async function runToEnd(session: Session, userText: string | null, events: LoopEvents) {
   try {
     const options = loopOptions(session, { waitForBackground: true, events });
-    finalText = await agentLoop(session.history, prompt, options);
+    return await agentLoop(session.history, userText, options);
   } catch (error) {
     if (session.stopping.signal.aborted) return new Promise<never>(() => {}); // a signal ends it
-    err.stopSpinner();
+    session.out.endLine();
+    session.err.stopSpinner();
     process.stderr.write(`error: ${(error as Error).message}\n`);
     return exitCleanly(session, 1);
   }
-  if (json) {
-    process.stdout.write(JSON.stringify(jsonResult(session, finalText)) + "\n");
-  } else out.endLine();
-  return exitCleanly(session, 0);
 }
 
 function jsonResult(session: Session, finalText: string) {
@@ -2704,7 +2703,7 @@ function jsonResult(session: Session, finalText: string) {
     command: p.command,
     status: p.status,
     exit_code: p.exitCode,
-    seconds: Number((((p.endedAt ?? Date.now()) - p.startedAt) / 1000).toFixed(3)),
+    seconds: Number(secondsOf(p).toFixed(3)),
   }));
   const { inputTokens, outputTokens, modelCalls } = session.stats;
   return {
@@ -2854,7 +2853,7 @@ class Repl {
   }
 
   /** One turn; its output replaces the prompt line. Typing during it is muted, not lost. */
-  private async runTurn(userText: string | null): Promise<boolean> {
+  private async runTurn(userText: string | null): Promise<void> {
     const { out, session } = this;
     if (this.interactive && userText === null) { // a woken turn replaces the empty prompt
       readline.cursorTo(process.stdout, 0);
@@ -2863,23 +2862,21 @@ class Repl {
     }
     this.screen.muted = this.interactive;
     this.turn = new AbortController();
-    const signal = AbortSignal.any([this.turn.signal, session.stopping.signal]);
     try {
       const events = loopEventsFor(out, out);
-      await agentLoop(session.history, userText, loopOptions(session, { signal, events }));
+      const options = loopOptions(session, { signal: this.turn.signal, events });
+      await agentLoop(session.history, userText, options);
       out.stopSpinner();
       out.endLine();
-      return true;
     } catch (err) {
       out.stopSpinner();
-      if (session.stopping.signal.aborted) return false;
+      if (session.stopping.signal.aborted) return;
       const c = out.color;
       out.line(
         err instanceof InterruptedError
           ? c.yellow("(interrupted)")
           : c.red(`error: ${(err as Error).message}`),
       );
-      return false;
     } finally {
       this.turn = null;
     }
@@ -2892,20 +2889,9 @@ class Repl {
   private async finishInput(): Promise<void> {
     if (this.interactive) return void exitCleanly(this.session, 0);
     this.busy = true;
-    const { session } = this;
-    const waitForAll = loopOptions(session, {
-      waitForBackground: true,
-      events: loopEventsFor(this.out, this.out),
-    });
-    try {
-      await agentLoop(session.history, null, waitForAll);
-    } catch (err) {
-      if (session.stopping.signal.aborted) return;
-      session.err.line(`error: ${(err as Error).message}`);
-      return void exitCleanly(session, 1);
-    }
+    await runToEnd(this.session, null, loopEventsFor(this.out, this.out));
     this.out.endLine();
-    return void exitCleanly(session, 0);
+    return void exitCleanly(this.session, 0);
   }
 }
 
@@ -2927,10 +2913,9 @@ async function playDemo(session: Session): Promise<boolean> {
     for (const prompt of DEMO_PROMPTS) {
       out.line("");
       out.line(c.bold(`${promptText(0)}${prompt}`));
-      const signal = AbortSignal.any([skip.signal, session.stopping.signal]);
       const options = loopOptions(session, {
         waitForBackground: true,
-        signal,
+        signal: skip.signal,
         events: loopEventsFor(out, out),
       });
       await agentLoop(session.history, prompt, options);
