@@ -189,6 +189,8 @@ function messagesProblem(messages: Anthropic.MessageParam[]): string | null {
 /** A loopback server that speaks POST /v1/messages (streaming) and rejects what the API rejects. */
 interface FakeApi {
   url: string;
+  /** What an agent under test needs to talk to it. */
+  env: { ANTHROPIC_API_KEY: string; ANTHROPIC_BASE_URL: string };
   requests: Array<{ messages: Anthropic.MessageParam[] }>;
   rejected: string[];
   close(): Promise<void>;
@@ -291,6 +293,7 @@ async function startFakeApi(
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://127.0.0.1:${port}`,
+    env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: `http://127.0.0.1:${port}` },
     requests,
     rejected,
     close: () =>
@@ -299,6 +302,15 @@ async function startFakeApi(
         server.closeAllConnections(); // keep-alive connections would hold close() open
       }),
   };
+}
+
+/** A model that starts one background task, then says "Started." to everything. */
+function startOneTaskApi(command: string): Promise<FakeApi> {
+  return startFakeApi((_body, index) =>
+    index === 0
+      ? scriptedReply({ tool: "background_run", input: { command } })
+      : scriptedReply("Started.")
+  );
 }
 
 function apiModel(url: string, more: Partial<Config> = {}) {
@@ -404,6 +416,11 @@ function startAgentInTmux(
   after(() => void tmux("kill-session", "-t", session));
   return {
     type: (text: string) => void tmux("send-keys", "-t", session, "-l", text),
+    /** Types a line and presses Enter. */
+    submit: (text: string) => {
+      tmux("send-keys", "-t", session, "-l", text);
+      tmux("send-keys", "-t", session, "Enter");
+    },
     key: (name: string) => void tmux("send-keys", "-t", session, name),
     screen: () => tmux("capture-pane", "-p", "-t", session).stdout.replace(/\s+$/, ""),
     lines: () =>
@@ -513,10 +530,13 @@ describe("2. BackgroundManager", () => {
   });
 
   test("manager: notifications come in the order things happened", async () => {
-    const { bg } = fixture();
-    const second = bg.run("while [ ! -f first-done ]; do sleep 0.02; done");
-    const first = bg.run("touch first-done");
-    assert.deepEqual((await notifications(bg, 2)).map((n) => n.taskId), [first, second]);
+    const { bg, file } = fixture();
+    const second = bg.run("while [ ! -f go ]; do sleep 0.02; done"); // started first, ends last
+    const first = bg.run("true");
+    const [firstEnd] = await notifications(bg, 1);
+    fs.writeFileSync(file("go"), ""); // only now may the other one end
+    const [secondEnd] = await notifications(bg, 1);
+    assert.deepEqual([firstEnd.taskId, secondEnd.taskId], [first, second]);
   });
 
   test("manager: waitFor(any) returns at the first end, waitFor(all) at the last, nothing polls", async () => {
@@ -1853,7 +1873,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     try {
       const agent = startAgent(["-p", "go", "--json"], {
         cwd: dir,
-        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+        env: api.env,
       });
       const { code, stdout } = await agent.exited;
       assert.equal(code, 0, agent.output());
@@ -1880,7 +1900,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     const long = "word ".repeat(100_000); // 500 KB, far past a pipe's buffer
     const api = await startFakeApi(() => scriptedReply(long));
     try {
-      const env = agentEnv({ ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url });
+      const env = agentEnv(api.env);
       const pipeline = `(${agentCommand(["-p", "go", "--json"])} | (sleep 2; cat) > out.json) & ` +
         `(${agentCommand(["-p", "go"])} | (sleep 2; cat) > out.txt) & wait`;
       const result = await runShell(pipeline, dir, env);
@@ -1933,7 +1953,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
           : scriptedReply(`Answer number ${index}: still working.`)
       );
       try {
-        const env = agentEnv({ ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url });
+        const env = agentEnv(api.env);
         const command = `${
           agentCommand(["-p", "go"])
         } ${redirect} > /dev/null; echo \${PIPESTATUS[0]}`;
@@ -1973,18 +1993,11 @@ describe("9. The command line", { concurrency: 4 }, () => {
   test("cli: SIGTERM and SIGHUP in the REPL end every process the agent started", async () => {
     for (const [signal, code] of [["SIGTERM", 143], ["SIGHUP", 129]] as const) {
       const dir = workspace();
-      const api = await startFakeApi((_body, index) =>
-        index === 0
-          ? scriptedReply({
-            tool: "background_run",
-            input: { command: "echo $$ > group.pid; sleep 300" },
-          })
-          : scriptedReply("Started.")
-      );
+      const api = await startOneTaskApi("echo $$ > group.pid; sleep 300");
       try {
         const agent = startAgent([], {
           cwd: dir,
-          env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+          env: api.env,
         });
         agent.child.stdin.write("start a server\n"); // stdin stays open: the REPL keeps running
         await eventually(
@@ -2045,7 +2058,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     try {
       const agent = startAgent([], {
         cwd: dir,
-        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+        env: api.env,
       });
       agent.child.stdin.end("first question\n/help\n/tasks\n/nope\n\nsecond question\n");
       const { code, stdout } = await agent.exited;
@@ -2082,7 +2095,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     try {
       const agent = startAgent([], {
         cwd: dir,
-        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+        env: api.env,
       });
       agent.child.stdin.write("start both\n");
       await eventually(
@@ -2111,7 +2124,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     try {
       const agent = startAgent([], {
         cwd: dir,
-        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+        env: api.env,
       });
       agent.child.stdin.end("first\nsecond\n");
       const { code, stdout } = await agent.exited;
@@ -2165,23 +2178,15 @@ describe("9. The command line, in a real terminal (tmux)", () => {
     async () => {
       for (const [columns, length] of [[50, 60], [120, 130]]) {
         const dir = workspace();
-        const api = await startFakeApi((_body, index) =>
-          index === 0
-            ? scriptedReply({
-              tool: "background_run",
-              input: { command: "while [ ! -f go ]; do sleep 0.02; done; echo done" },
-            })
-            : scriptedReply("Started.")
-        );
+        const api = await startOneTaskApi("while [ ! -f go ]; do sleep 0.02; done; echo done");
         try {
           const agent = startAgentInTmux([], {
             cwd: dir,
             columns,
-            env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+            env: api.env,
           });
           await eventually(() => agent.screen().endsWith("s08 >>"), "the prompt");
-          agent.type("start it");
-          agent.key("Enter");
+          agent.submit("start it");
           await eventually(
             () => agent.screen().endsWith("s08 [1 running] >>"),
             "the running prompt",
@@ -2213,8 +2218,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
             "no stale prompt row",
           );
           agent.key("C-u");
-          agent.type("exit");
-          agent.key("Enter");
+          agent.submit("exit");
           await eventually(() => agent.exitCode() !== null, "the exit");
           assert.equal(agent.exitCode(), 0);
           agent.kill();
@@ -2243,17 +2247,15 @@ describe("9. The command line, in a real terminal (tmux)", () => {
       try {
         const agent = startAgentInTmux([], {
           cwd: dir,
-          env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: api.url },
+          env: api.env,
         });
         await eventually(() => agent.screen().endsWith("s08 >>"), "the prompt");
-        agent.type("slow question");
-        agent.key("Enter");
+        agent.submit("slow question");
         await eventually(() => api.requests.length === 1, "the model call");
         agent.key("C-c");
         await eventually(() => agent.screen().includes("(interrupted)"), "the first interruption");
         assert.doesNotMatch(agent.screen(), /thinking/, "the spinner is cleared");
-        agent.type("block please");
-        agent.key("Enter");
+        agent.submit("block please");
         await eventually(() => pidWritten(path.join(dir, "block.pid")), "the blocking command");
         const group = readPid(path.join(dir, "block.pid"));
         agent.key("C-c");
@@ -2262,8 +2264,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
           "the blocking command's group to end",
           5,
         );
-        agent.type("after");
-        agent.key("Enter");
+        agent.submit("after");
         await eventually(() => agent.screen().includes("All good."), "the next answer");
         assert.deepEqual(api.rejected, []);
         agent.key("C-c");
@@ -2293,11 +2294,9 @@ describe("9. The command line, in a real terminal (tmux)", () => {
       const dir = workspace();
       const agent = startAgentInTmux(["--no-demo"], { cwd: dir });
       await eventually(() => agent.screen().endsWith("s08 >>"), "the prompt");
-      agent.type("think 1");
-      agent.key("Enter");
+      agent.submit("think 1");
       await eventually(() => agent.screen().includes("thinking"), "the spinner");
-      agent.type("think 1");
-      agent.key("Enter");
+      agent.submit("think 1");
       await eventually(
         () => agent.screen().includes("I thought about it for 1 seconds."),
         "the second answer",
@@ -2308,8 +2307,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
         !lines.some((l) => /thinking [\d.]+sthink/.test(l)),
         "typed text is not glued to the spinner",
       );
-      agent.type("exit");
-      agent.key("Enter");
+      agent.submit("exit");
       await eventually(() => agent.exitCode() !== null, "the exit");
       agent.kill();
     },
@@ -2394,8 +2392,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
         );
         // Deno drops keys typed before it starts reading the answer: give it a moment.
         await new Promise((resolve) => setTimeout(resolve, 500));
-        agent.type("y");
-        agent.key("Enter");
+        agent.submit("y");
         await eventually(
           () => agent.screen().includes(`Granted ${kind} access.`),
           `${kind} granted`,
