@@ -62,7 +62,12 @@ const repoDir = path.dirname(new URL(import.meta.url).pathname);
 
 /** Every temporary folder of this run lives here; it is removed when the run ends. */
 const testRoot = fs.mkdtempSync(path.join(os.tmpdir(), "s08-test-"));
-after(() => fs.rmSync(testRoot, { recursive: true, force: true }));
+/** What must end before the folder goes (terminals whose agents still write in it). */
+const closers: Array<() => Promise<void>> = [];
+after(async () => {
+  for (const close of closers) await close();
+  fs.rmSync(testRoot, { recursive: true, force: true });
+});
 
 function workspace(): string {
   return fs.mkdtempSync(path.join(testRoot, "ws-"));
@@ -413,7 +418,14 @@ function startAgentInTmux(
   ]);
   assert.equal(started.status, 0, String(started.stderr));
   const tmux = (...tmuxArgs: string[]) => spawnSync("tmux", tmuxArgs, { encoding: "utf8" });
-  after(() => void tmux("kill-session", "-t", session));
+  const panePid = Number(tmux("display-message", "-p", "-t", session, "#{pane_pid}").stdout);
+  /** Closes the terminal and waits until everything that ran in it has ended. */
+  const kill = async () => {
+    tmux("kill-session", "-t", session);
+    const gone = () => !isAlive(panePid) && members(panePid, "session").length === 0;
+    await eventually(gone, "the terminal's processes to end");
+  };
+  closers.push(kill);
   return {
     type: (text: string) => void tmux("send-keys", "-t", session, "-l", text),
     /** Types a line and presses Enter. */
@@ -426,7 +438,7 @@ function startAgentInTmux(
     lines: () =>
       tmux("capture-pane", "-p", "-J", "-t", session).stdout.split("\n").map((l) => l.trimEnd()),
     exitCode: () => (fs.existsSync(exitFile) ? Number(fs.readFileSync(exitFile, "utf8")) : null),
-    kill: () => void tmux("kill-session", "-t", session),
+    kill,
   };
 }
 
@@ -2221,7 +2233,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
           agent.submit("exit");
           await eventually(() => agent.exitCode() !== null, "the exit");
           assert.equal(agent.exitCode(), 0);
-          agent.kill();
+          await agent.kill();
         } finally {
           await api.close();
         }
@@ -2280,7 +2292,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
           lines.some((l) => l === "s08 >>"),
           "the last prompt stays on its own line, not glued to the shell's",
         );
-        agent.kill();
+        await agent.kill();
       } finally {
         await api.close();
       }
@@ -2309,7 +2321,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
       );
       agent.submit("exit");
       await eventually(() => agent.exitCode() !== null, "the exit");
-      agent.kill();
+      await agent.kill();
     },
   );
 
@@ -2334,7 +2346,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
       await eventually(() => agent.exitCode() !== null, "the exit");
       assert.equal(agent.exitCode(), 130);
       assert.equal(fs.existsSync(demoDir), false);
-      agent.kill();
+      await agent.kill();
     },
   );
 
@@ -2411,7 +2423,7 @@ describe("9. The command line, in a real terminal (tmux)", () => {
       await eventually(() => agent.screen().includes("(demo skipped"), "the skip");
       agent.key("C-c");
       await eventually(() => agent.exitCode() !== null, "the exit");
-      agent.kill();
+      await agent.kill();
     },
   );
 });
