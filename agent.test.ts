@@ -205,25 +205,59 @@ function messagesProblem(messages: Anthropic.MessageParam[]): string | null {
   return null;
 }
 
+/** Where a request's cache breakpoints are: each as the JSON of the prefix it ends. */
+function cachePrefixes(body: Record<string, unknown>): string[] {
+  const prefixes: string[] = [];
+  const parts: unknown[] = [body.tools];
+  const mark = (block: { cache_control?: unknown }) => {
+    if (block.cache_control) prefixes.push(JSON.stringify(parts));
+  };
+  const system = body.system;
+  for (const block of Array.isArray(system) ? system : [{ type: "text", text: system }]) {
+    parts.push(block);
+    mark(block);
+  }
+  for (const message of body.messages as Anthropic.MessageParam[]) {
+    const blocks = typeof message.content === "string" ? [message.content] : message.content;
+    for (const block of blocks) {
+      parts.push([message.role, block]);
+      if (typeof block !== "string") mark(block as { cache_control?: unknown });
+    }
+  }
+  return prefixes;
+}
+
 /** A loopback server that speaks POST /v1/messages (streaming) and rejects what the API rejects. */
 interface FakeApi {
   url: string;
   /** What an agent under test needs to talk to it. */
   env: { ANTHROPIC_API_KEY: string; ANTHROPIC_BASE_URL: string };
-  requests: Array<{ messages: Anthropic.MessageParam[] }>;
+  requests: Array<{ messages: Anthropic.MessageParam[]; system: unknown; tools: unknown }>;
   rejected: string[];
+  /** The API key of every request, as sent. */
+  keys: string[];
+  /** Input tokens billed: uncached, written to the cache, read from it (4 characters a token). */
+  billed: { input: number; cacheWrite: number; cacheRead: number };
   close(): Promise<void>;
 }
-type FakeAnswer = ModelReply | { status: number; message: string } | { stall: true };
+type FakeAnswer =
+  | ModelReply
+  | { status: number; message: string; retryAfter?: number }
+  | { stall: true }
+  | { midStreamError: string };
 
 async function startFakeApi(
   answer: (
     body: { messages: Anthropic.MessageParam[] },
     index: number,
   ) => FakeAnswer | Promise<FakeAnswer>,
+  options: { maxPromptTokens?: number } = {},
 ): Promise<FakeApi> {
   const requests: FakeApi["requests"] = [];
   const rejected: string[] = [];
+  const keys: string[] = [];
+  const cached = new Set<string>();
+  const billed = { input: 0, cacheWrite: 0, cacheRead: 0 };
   const server = http.createServer((req, res) => {
     let raw = "";
     req.on("data", (chunk) => (raw += chunk));
@@ -236,18 +270,35 @@ async function startFakeApi(
         return sendError(404, "not_found_error", `no route ${req.url}`);
       }
       const body = JSON.parse(raw);
+      keys.push(String(req.headers["x-api-key"]));
+      const prefixes = cachePrefixes(body);
+      const promptTokens = Math.ceil(raw.length / 4);
       const problem = typeof body.model !== "string" || !body.model
         ? "model: field required"
         : !Number.isInteger(body.max_tokens) || body.max_tokens < 1
         ? "max_tokens: must be a positive integer"
         : LONE_SURROGATE_IN_JSON.test(raw)
         ? "The request body is not valid JSON: no low surrogate in string"
+        : prefixes.length > 4
+        ? `A maximum of 4 blocks with cache_control may be provided. Found ${prefixes.length}.`
+        : options.maxPromptTokens && promptTokens > options.maxPromptTokens
+        ? `prompt is too long: ${promptTokens} tokens > ${options.maxPromptTokens} maximum`
         : messagesProblem(body.messages);
       if (problem) {
         rejected.push(problem);
         return sendError(400, "invalid_request_error", problem);
       }
       requests.push(body);
+      // The cache as the API keeps it: the longest prefix written before is read back;
+      // the rest up to the last breakpoint is written; the rest is billed in full.
+      const readBack = prefixes.filter((p) => cached.has(p)).at(-1)?.length ?? 0;
+      const lastMark = prefixes.at(-1)?.length ?? 0;
+      const usage = {
+        input_tokens: Math.ceil((raw.length - Math.max(readBack, lastMark)) / 4),
+        cache_read_input_tokens: Math.ceil(readBack / 4),
+        cache_creation_input_tokens: Math.ceil(Math.max(0, lastMark - readBack) / 4),
+        output_tokens: 0,
+      };
       const reply = await answer(body, requests.length - 1);
       if ("status" in reply) {
         const type = reply.status === 529
@@ -255,8 +306,16 @@ async function startFakeApi(
           : reply.status === 429
           ? "rate_limit_error"
           : "api_error";
-        return sendError(reply.status, type, reply.message);
+        const headers: Record<string, string> = { "content-type": "application/json" };
+        if (reply.retryAfter !== undefined) headers["retry-after"] = String(reply.retryAfter);
+        else headers["retry-after-ms"] = "1"; // tests need not wait out a backoff
+        res.writeHead(reply.status, headers);
+        return res.end(JSON.stringify({ type: "error", error: { type, message: reply.message } }));
       }
+      for (const prefix of prefixes) cached.add(prefix);
+      billed.input += usage.input_tokens;
+      billed.cacheRead += usage.cache_read_input_tokens;
+      billed.cacheWrite += usage.cache_creation_input_tokens;
       res.writeHead(200, { "content-type": "text/event-stream" });
       const send = (event: string, data: unknown) =>
         res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
@@ -270,10 +329,15 @@ async function startFakeApi(
           content: [],
           stop_reason: null,
           stop_sequence: null,
-          usage: { input_tokens: 10, output_tokens: 0 },
+          usage,
         },
       });
       if ("stall" in reply) return; // headers and one event, then silence: a stalled stream
+      if ("midStreamError" in reply) { // 200, then an error event, as the real API may send
+        const error = { type: reply.midStreamError, message: "Overloaded" };
+        send("error", { type: "error", error });
+        return res.end();
+      }
       reply.content.forEach((block, index) => {
         if (block.type === "text") {
           send("content_block_start", {
@@ -315,6 +379,8 @@ async function startFakeApi(
     env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: `http://127.0.0.1:${port}` },
     requests,
     rejected,
+    keys,
+    billed,
     close: () =>
       new Promise((resolve) => {
         server.close(() => resolve());
@@ -1503,7 +1569,11 @@ describe("5. Processes and output", () => {
 
   test("processes: the exit sweep ends what escaped its group, by this run's mark only", async () => {
     const dir = workspace();
-    const proc = new ShellProcess("setsid sleep 300 & echo $! > escaped.pid", { cwd: dir });
+    const proc = new ShellProcess(
+      "setsid sleep 300 & p=$!; until [ \"$(cut -d' ' -f6 /proc/$p/stat)\" = $p ]; do :; done; " +
+        "echo $p > escaped.pid",
+      { cwd: dir },
+    );
     await proc.done;
     await eventually(() => pidWritten(path.join(dir, "escaped.pid")), "the pid file");
     const escaped = readPid(path.join(dir, "escaped.pid"));
@@ -1735,7 +1805,7 @@ describe("7. Models", { concurrency: 4 }, () => {
     });
     try {
       const streamed: string[] = [];
-      const stats = { modelCalls: 0, inputTokens: 0, outputTokens: 0 };
+      const stats = newStats();
       const final = await agentLoop([], "run it in the background", {
         model: apiModel(api.url),
         background: bg,
@@ -1747,14 +1817,20 @@ describe("7. Models", { concurrency: 4 }, () => {
       assert.deepEqual(api.rejected, []);
       assert.equal(final, "Done: saw it");
       assert.deepEqual(streamed, ["Starting.", "Waiting for it.", "Done: saw it"]);
-      assert.deepEqual(stats, { modelCalls: 3, inputTokens: 30, outputTokens: 15 });
+      assert.equal(stats.modelCalls, 3);
+      assert.equal(stats.outputTokens, 15);
+      assert.equal(
+        stats.inputTokens + stats.cacheCreationTokens + stats.cacheReadTokens,
+        api.billed.input + api.billed.cacheWrite + api.billed.cacheRead,
+        "every input token counted, by kind",
+      );
       assert.equal(fs.readFileSync(file("meanwhile.txt"), "utf8"), "hi");
     } finally {
       await api.close();
     }
   });
 
-  test("e2e: 429, 529 and 500 answers are retried by the SDK and the turn completes", async () => {
+  test("e2e: 429, 529 and 500 answers are retried with one line each and the turn completes", async () => {
     const { bg, dir } = fixture();
     const failures = [
       { status: 429, message: "slow down" },
@@ -1766,11 +1842,54 @@ describe("7. Models", { concurrency: 4 }, () => {
     ];
     const api = await startFakeApi(() => failures.shift() ?? scriptedReply("Made it."));
     try {
+      const retries: string[] = [];
+      const events = { onRetry: (why: string) => retries.push(why) };
       assert.equal(
-        await agentLoop([], "hi", { model: apiModel(api.url), background: bg, workdir: dir }),
+        await agentLoop([], "hi", { model: apiModel(api.url), background: bg, workdir: dir, events }),
         "Made it.",
       );
       assert.equal(api.requests.length, 4);
+      assert.equal(retries.length, 3);
+      assert.equal(retries[0], "API error 429: slow down; trying again (1/3)");
+      assert.equal(retries[1], "API error 529: Overloaded; trying again (2/3)");
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("e2e: an error event in the middle of a stream is retried like a dropped connection", async () => {
+    const { bg, dir } = fixture();
+    let errors = 1;
+    const api = await startFakeApi(() =>
+      errors-- > 0 ? { midStreamError: "overloaded_error" } : scriptedReply("Recovered.")
+    );
+    try {
+      const retries: string[] = [];
+      const events = { onRetry: (why: string) => retries.push(why) };
+      const options = { model: apiModel(api.url), background: bg, workdir: dir, events };
+      assert.equal(await agentLoop([], "hi", options), "Recovered.");
+      assert.equal(retries.length, 1);
+      assert.match(retries[0], /overloaded_error, mid-stream.*trying again in [\d.]+s \(1\/3\)$/);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("e2e: a 429's retry-after is waited out up to a cap, and named when it is longer", async () => {
+    const { bg, dir } = fixture();
+    const answers: FakeAnswer[] = [{ status: 429, message: "slow down", retryAfter: 1 }];
+    const api = await startFakeApi(() => answers.shift() ?? scriptedReply("Waited."));
+    try {
+      const retries: string[] = [];
+      const events = { onRetry: (why: string) => retries.push(why) };
+      const options = { model: apiModel(api.url), background: bg, workdir: dir, events };
+      assert.equal(await agentLoop([], "hi", options), "Waited.");
+      assert.match(retries[0], /trying again in 1\.0s \(1\/3\)$/, "the API's own delay");
+      answers.push({ status: 429, message: "slow down", retryAfter: 3600 });
+      const error = await agentLoop([], "again", options).catch((e) => e);
+      assert.ok(error instanceof ApiError);
+      assert.match(error.message, /the API asks to wait 3600s \(retry-after\), longer than the 60s/);
+      assert.equal(retries.length, 1, "no retry when the wait is past the cap");
     } finally {
       await api.close();
     }
@@ -1790,7 +1909,7 @@ describe("7. Models", { concurrency: 4 }, () => {
           e,
         ) => e);
       assert.ok(error instanceof ApiError);
-      assert.equal(error.message, "API error 500: Internal server error");
+      assert.equal(error.message, "API error 500: Internal server error (tried 4 times)");
       assert.equal(messagesProblem(history), null);
       healthy = true;
       assert.equal(
@@ -1818,14 +1937,14 @@ describe("7. Models", { concurrency: 4 }, () => {
         "Finally.",
       );
       assert.deepEqual(retries, [
-        "the API stream sent nothing for 0.3s; trying again (1/2)",
-        "the API stream sent nothing for 0.3s; trying again (2/2)",
+        "the API stream sent nothing for 0.3s; trying again (1/3)",
+        "the API stream sent nothing for 0.3s; trying again (2/3)",
       ]);
       stalls = 10;
       const error = await agentLoop([], "again", { model, background: bg, workdir: dir }).catch((
         e,
       ) => e);
-      assert.equal(error.message, "the API stream sent nothing for 0.3s (tried 3 times)");
+      assert.equal(error.message, "the API stream sent nothing for 0.3s (tried 4 times)");
     } finally {
       await api.close();
     }
@@ -1896,16 +2015,19 @@ describe("8. The offline demo", { concurrency: 4 }, () => {
     assert.match(stderr, /Task \w{8} was killed\./);
   });
 
-  const demoRepl = startEarly(async () => {
+  test("demo: the REPL without a key plays the demo in a temporary folder and removes it on exit", async () => {
     const dir = workspace();
     const agent = startAgent([], { cwd: dir });
     agent.child.stdin.end("exit\n"); // piped: the demo plays first, then the REPL reads "exit"
-    return { dir, ...(await agent.exited) };
-  });
-
-  test("demo: the REPL without a key plays the demo in a temporary folder and removes it on exit", async () => {
-    const { dir, code, stdout } = await demoRepl();
+    const { code, stdout: out, stderr } = await agent.exited;
+    const stdout = out + stderr;
     assert.equal(code, 0);
+    assert.equal(
+      out.split("what the model receives").length - 1,
+      1,
+      "the block is shown once, labelled",
+    );
+    assert.match(out, /what the model receives.*\n<background-results>\n\[bg:[0-9a-f]{8}\] /);
     const demoDir = stdout.match(/workspace: (\S+)/)![1];
     assert.ok(demoDir.startsWith(testRoot), "a folder of its own under the temp dir");
     assert.match(stdout, /still running will report when done\.\n/);
@@ -1940,8 +2062,12 @@ describe("8. The offline demo", { concurrency: 4 }, () => {
 describe("9. The command line", { concurrency: 4 }, () => {
   test("cli: arguments through node:util parseArgs, with clear errors", () => {
     assert.deepEqual(parseArgs(["-p", "hi", "--json", "--no-wake"]), {
+      print: true,
       prompt: "hi",
-      json: true,
+      outputFormat: "json",
+      inputFormat: "text",
+      model: null,
+      maxTurns: null,
       demo: false,
       noDemo: false,
       keepDemo: false,
@@ -1950,17 +2076,27 @@ describe("9. The command line", { concurrency: 4 }, () => {
       help: false,
     });
     assert.equal(parseArgs(["hello there"]).prompt, "hello there");
+    assert.equal(parseArgs(["hello there"]).print, true);
+    assert.deepEqual(parseArgs(["-p"]).prompt, null, "the prompt may come on stdin");
     assert.equal(parseArgs(["--no-demo", "--keep-logs"]).keepLogs, true);
-    assert.throws(() => parseArgs(["--json"]), /--json needs a prompt/);
+    assert.equal(parseArgs(["-p", "x", "--output-format", "stream-json"]).outputFormat, "stream-json");
+    assert.equal(parseArgs(["-p", "x", "--model", "m", "--max-turns", "3"]).maxTurns, 3);
+    assert.throws(() => parseArgs(["--json"]), /--output-format json needs -p/);
+    assert.throws(() => parseArgs(["-p", "x", "--output-format", "xml"]), /text, json or stream-json/);
+    assert.throws(() => parseArgs(["-p", "x", "--max-turns", "0"]), /--max-turns needs a whole/);
     assert.throws(
-      () => parseArgs(["-p"]),
-      /^Error: option -p, --print <value> argument missing \(see --help\)$/,
+      () => parseArgs(["--input-format", "stream-json"]),
+      /--input-format stream-json takes no prompt and needs --output-format stream-json/,
     );
     assert.throws(() => parseArgs(["a", "b"]), /one prompt at a time/);
     for (
       const option of [
         "--print",
         "--json",
+        "--output-format",
+        "--input-format",
+        "--model",
+        "--max-turns",
         "--demo",
         "--no-demo",
         "--keep-demo",
@@ -1988,7 +2124,9 @@ describe("9. The command line", { concurrency: 4 }, () => {
     const result = await startAgent(["-p", "run echo X > proof.txt", "--json"], { cwd: dir })
       .exited;
     assert.equal(result.code, 2);
-    assert.equal(result.stdout, "");
+    const json = JSON.parse(result.stdout);
+    assert.deepEqual([json.type, json.subtype, json.is_error], ["result", "error", true]);
+    assert.match(json.result, /^no ANTHROPIC_API_KEY/);
     assert.match(
       result.stderr,
       /^error: no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set\. .* or pass --demo .*\n$/,
@@ -2021,15 +2159,27 @@ describe("9. The command line", { concurrency: 4 }, () => {
       assert.equal(code, 0, agent.output());
       assert.equal(stdout.trim().split("\n").length, 1);
       const result = JSON.parse(stdout);
-      assert.equal(result.text, "Result: json-done");
-      assert.equal(result.model_calls, 3);
-      assert.deepEqual(result.usage, { input_tokens: 30, output_tokens: 15 });
+      assert.equal(result.type, "result");
+      assert.equal(result.subtype, "success");
+      assert.equal(result.is_error, false);
+      assert.equal(result.result, "Result: json-done");
+      assert.equal(result.num_turns, 3);
+      assert.match(result.session_id, /^[0-9a-f-]{36}$/);
+      assert.ok(result.duration_ms > 0);
+      assert.deepEqual(Object.keys(result.usage), [
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+      ]);
+      assert.equal(result.usage.output_tokens, 15);
+      assert.ok(result.usage.cache_read_input_tokens > 0, "the second call reads the first's cache");
       assert.deepEqual(Object.keys(result.tasks[0]), [
-        "id",
+        "task_id",
         "command",
         "status",
         "exit_code",
-        "seconds",
+        "duration_ms",
       ]);
       assert.equal(result.tasks[0].status, "completed");
     } finally {
@@ -2047,7 +2197,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
         `(${agentCommand(["-p", "go"])} | (sleep 2; cat) > out.txt) & wait`;
       const result = await runShell(pipeline, dir, env);
       assert.equal(result.status, 0, result.stderr);
-      assert.equal(JSON.parse(fs.readFileSync(path.join(dir, "out.json"), "utf8")).text, long);
+      assert.equal(JSON.parse(fs.readFileSync(path.join(dir, "out.json"), "utf8")).result, long);
       assert.equal(fs.readFileSync(path.join(dir, "out.txt"), "utf8"), long + "\n");
     } finally {
       await api.close();
@@ -2264,9 +2414,11 @@ describe("9. The command line", { concurrency: 4 }, () => {
         env: api.env,
       });
       agent.child.stdin.end("first\nsecond\n");
-      const { code, stdout } = await agent.exited;
+      const { code, stdout, stderr } = await agent.exited;
       assert.equal(code, 0, agent.output());
-      assert.match(stdout, /^error: API error 529: Overloaded\nRecovered\.\n$/);
+      assert.equal(stdout, "Recovered.\n", "the answer on stdout, everything else on stderr");
+      assert.match(stderr, /^error: API error 529: Overloaded \(tried 4 times\)$/m);
+      assert.equal(stderr.match(/^error:/gm)!.length, 1, "one line");
       assert.equal(messagesProblem(api.requests.at(-1)!.messages), null);
     } finally {
       await api.close();
@@ -2283,26 +2435,38 @@ describe("9. The command line", { concurrency: 4 }, () => {
 
   test("cli: slash commands; /kill takes any unique prefix and marks the kill as the user's", async () => {
     const { bg } = fixture({ maxRunning: 100 });
+    const session = {
+      background: bg,
+      killedByUser: new Set<string>(),
+      config: { model: "claude-sonnet-5-5" },
+      stats: newStats(),
+    };
     const id = bg.run("sleep 60");
     assert.match(
-      runSlashCommand("/tasks", bg),
+      runSlashCommand("/tasks", session),
       new RegExp(`^${id}  running \\d+\\.\\ds +sleep 60$`),
     );
-    assert.equal(runSlashCommand("/kill", bg), "Usage: /kill <task id or a unique prefix>");
-    assert.equal(runSlashCommand("/kill zz", bg), "No task zz. /tasks lists them.");
+    assert.equal(runSlashCommand("/kill", session), "Usage: /kill <task id or a unique prefix>");
+    assert.equal(runSlashCommand("/kill zz", session), "No task zz. /tasks lists them.");
     let other = bg.run("sleep 60");
     while (other[0] !== id[0]) { // a second id with the same first character
       bg.kill(other);
       other = bg.run("sleep 60");
     }
     assert.equal(findTask(bg, id[0]), `${id[0]} matches 2 tasks: ${id}, ${other}`);
-    assert.match(runSlashCommand(`/kill ${id[0]}`, bg), /matches 2 tasks/);
-    assert.equal(runSlashCommand(`/kill ${id.slice(0, 6)}`, bg), `Killing ${id}...`);
+    assert.match(runSlashCommand(`/kill ${id[0]}`, session), /matches 2 tasks/);
+    assert.equal(runSlashCommand(`/kill ${id.slice(0, 6)}`, session), `Killing ${id}...`);
     await bg.tasks.get(id)!.ended;
-    assert.equal(bg.tasks.get(id)!.killedByUser, true);
-    assert.match(runSlashCommand(`/kill ${id}`, bg), /is not running: killed/);
-    assert.match(runSlashCommand("/help", bg), /^\/tasks/);
-    assert.equal(runSlashCommand("/frobnicate", bg), "Unknown command /frobnicate. Try /help.");
+    assert.deepEqual([...session.killedByUser], [id], "its end will not wake the model");
+    assert.match(runSlashCommand(`/kill ${id}`, session), /is not running: killed/);
+    assert.match(runSlashCommand("/help", session), /^\/tasks/);
+    session.stats.inputTokens = 1000;
+    session.stats.cacheReadTokens = 9000;
+    assert.equal(
+      runSlashCommand("/cost", session),
+      "0 model calls; tokens: 1,000 in, 0 out, cache: 9,000 read, 0 written; about $0.0057",
+    );
+    assert.equal(runSlashCommand("/frobnicate", session), "Unknown command /frobnicate. Try /help.");
     await stopAll(bg);
   });
 });

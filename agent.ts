@@ -269,19 +269,21 @@ export async function agentLoop(
   let finalText = "";
   try {
     while (true) {
-      // 1. Drain the queue: what happened in the background goes in before this call.
+      // 1. Drain the queue: what happened in the background goes in before the call.
       injectBackgroundResults(history, options.background);
-      if (history.at(-1)?.role !== "user") return finalText; // nothing new for the model
-      // 2. Call the model with the whole history; keep its reply.
-      const reply = await callModel(history, options);
-      finalText = recordReply(history, reply) || finalText;
-      // 3. Run the tools it asked for. None: the turn is over (one-shot: once nothing runs).
-      const calls = reply.content.filter((b): b is ToolCall => b.type === "tool_use");
-      if (calls.length > 0) {
-        history.push({ role: "user", content: await runToolCalls(calls, reply, options) });
-      } else if (!(await waitForMoreBackground(options))) {
-        return finalText;
+      // 2. Call the model when there is something new for it; keep its reply.
+      if (history.at(-1)?.role === "user") {
+        const reply = await callModel(history, options);
+        finalText = recordReply(history, reply) || finalText;
+        // 3. Run the tools it asked for; their results are the next user message.
+        const calls = reply.content.filter((b): b is ToolCall => b.type === "tool_use");
+        if (calls.length > 0) {
+          history.push({ role: "user", content: await runToolCalls(calls, reply, options) });
+          continue;
+        }
       }
+      // The model is done; reports that came in meanwhile (one-shot: or later) go on.
+      if (!(await waitForMoreBackground(options))) return finalText;
     }
   } catch (err) {
     if (!options.signal?.aborted) throw err;
@@ -321,8 +323,9 @@ export function appendUserText(history: Anthropic.MessageParam[], text: string):
   last.content.push({ type: "text", text });
 }
 
-/** One-shot mode only: the model is done but tasks still run, so wait for the next report. */
+/** Reports that came in during the call go on now; one-shot mode also waits for running tasks. */
 async function waitForMoreBackground(options: LoopOptions): Promise<boolean> {
+  if (options.background.queue.length > 0) return true;
   if (!options.waitForBackground || options.background.runningCount() === 0) return false;
   await untilAborted(options.background.nextNotification(), options.signal); // or Ctrl-C
   return true;
@@ -2498,7 +2501,7 @@ export function anthropicModel(config: Config): Model {
             const tries = attempt > 0 ? ` (tried ${attempt + 1} times)` : "";
             throw new ApiError(`${retry.why}${tries}`, (err as { status?: number }).status);
           }
-          const wait = retry.delayMs > 0 ? ` in ${(retry.delayMs / 1000).toFixed(1)}s` : "";
+          const wait = retry.delayMs >= 100 ? ` in ${(retry.delayMs / 1000).toFixed(1)}s` : "";
           options.onRetry?.(`${retry.why}; trying again${wait} (${attempt + 1}/${API_RETRIES})`);
           await untilAborted(sleep(retry.delayMs), options.signal);
         }
@@ -2529,7 +2532,8 @@ function retryPlan(
   const retryable = midStream || status === 408 || status === 409 || status === 429 ||
     (status !== undefined && status >= 500);
   if (!retryable) return { why, delayMs: null };
-  const retryAfter = Number(err.headers?.get?.("retry-after"));
+  const header = (name: string) => Number(err.headers?.get?.(name) ?? NaN);
+  const retryAfter = header("retry-after-ms") / 1000 || header("retry-after");
   if (retryAfter > MAX_RETRY_AFTER_SEC) {
     return {
       why: `${why}; the API asks to wait ${retryAfter}s (retry-after), longer than ` +
@@ -3056,8 +3060,17 @@ export function findTask(background: BackgroundManager, prefix: string): Backgro
   return `${prefix} matches ${matches.length} tasks: ${matches.map((t) => t.id).join(", ")}`;
 }
 
+/** What the slash commands read and change. */
+export interface SlashContext {
+  background: BackgroundManager;
+  /** Tasks the user stopped with /kill: their end does not wake the model. */
+  killedByUser: Set<string>;
+  config: { model: string };
+  stats: LoopStats;
+}
+
 /** Slash commands run locally, without a model call. Returns what to print. */
-export function runSlashCommand(line: string, session: Session): string {
+export function runSlashCommand(line: string, session: SlashContext): string {
   const { background } = session;
   const [command, ...rest] = line.trim().split(/\s+/);
   if (command === "/help") {
