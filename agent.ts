@@ -587,6 +587,21 @@ export function procStat(pid: number): { pgid: number; session: number; startTim
   return { pgid: Number(fields[2]), session: Number(fields[3]), startTime: Number(fields[19]) };
 }
 
+let knownUid: number | null = null;
+
+/**
+ * This user's id. Deno's process.getuid() needs --allow-sys (and /proc needs --allow-all),
+ * so there it is the owner of a folder the agent has just made.
+ */
+export function currentUid(): number {
+  if (knownUid !== null) return knownUid;
+  if (!isDeno) return (knownUid = process.getuid!());
+  const probe = fs.mkdtempSync(path.join(os.tmpdir(), "s08-uid-"));
+  knownUid = fs.statSync(probe).uid;
+  fs.rmdirSync(probe);
+  return knownUid;
+}
+
 /** Linux: the pids under /proc (none where /proc is missing). */
 function allPids(): number[] {
   try {
@@ -607,7 +622,7 @@ export function sessionMembers(sid: number): number[] {
  * many. Another user's processes are never looked at (their environment is not ours).
  */
 export function endMarkedProcesses(runId: string): number {
-  const uid = process.getuid?.();
+  const uid = currentUid();
   const marker = `\0S08_AGENT_RUN=${runId}\0`;
   let ended = 0;
   for (const pid of allPids()) {
@@ -637,7 +652,7 @@ export class StateFolder {
   readonly fallbackReason: string | null = null;
 
   constructor(tmpdir = os.tmpdir()) {
-    const uid = process.getuid?.() ?? 0;
+    const uid = currentUid();
     const shared = path.join(tmpdir, `s08-agent-${uid}`);
     try {
       fs.mkdirSync(shared, { mode: 0o700 });
@@ -713,7 +728,7 @@ export function readOwnerRecord(file: string): OwnerRecord | null {
     );
     try {
       const stat = fs.fstatSync(fd);
-      if (!stat.isFile() || stat.uid !== process.getuid?.() || stat.size > 4096) return null;
+      if (!stat.isFile() || stat.uid !== currentUid() || stat.size > 4096) return null;
       text = fs.readFileSync(fd, "utf8");
     } finally {
       fs.closeSync(fd);
