@@ -9,7 +9,7 @@ import type { AddressInfo } from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import process from "node:process";
-import { after, describe, test } from "node:test";
+import { after, describe, test as nodeTest } from "node:test";
 import type Anthropic from "@anthropic-ai/sdk";
 import {
   agentLoop,
@@ -64,6 +64,15 @@ import {
 // ---------------------------------------------------------------------------
 // Fixtures, written once
 // ---------------------------------------------------------------------------
+
+/** Every test has a timeout: a hang fails that one test instead of stalling the suite. */
+const TEST_TIMEOUT_MS = 60_000;
+type TestBody = () => unknown;
+function test(name: string, first: TestBody | { skip?: unknown; timeout?: number }, body?: TestBody) {
+  const options = typeof first === "function" ? {} : first;
+  const fn = typeof first === "function" ? first : body!;
+  return nodeTest(name, { timeout: TEST_TIMEOUT_MS, ...options } as { timeout: number }, fn);
+}
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 const repoDir = path.dirname(new URL(import.meta.url).pathname);
@@ -663,22 +672,33 @@ describe("2. BackgroundManager", () => {
     const { bg, file } = fixture();
     const fast = bg.tasks.get(bg.run("while [ ! -f go-fast ]; do sleep 0.02; done"))!;
     const slow = bg.tasks.get(bg.run("while [ ! -f go-slow ]; do sleep 0.02; done"))!;
-    const any = waitForTasks([fast, slow], "any", 60);
+    // Each wait must end in the same turn of the event loop as the end it waits for: a wait
+    // that polled (however often) or waited for all instead of any would not have ended yet.
+    const settled = (promise: Promise<void>) => {
+      const state = { done: false };
+      promise.then(() => (state.done = true));
+      return state;
+    };
+    const oneTurn = () => new Promise((resolve) => setImmediate(resolve));
+    const any = settled(waitForTasks([fast, slow], "any", 60));
+    const all = settled(waitForTasks([fast, slow], "all", 60));
     fs.writeFileSync(file("go-fast"), "");
-    await any;
-    assert.equal(fast.process.status, "completed");
+    await fast.ended;
+    await oneTurn();
+    assert.equal(any.done, true, "any: ended with the first end");
+    assert.equal(all.done, false, "all: still waiting for the second");
     assert.equal(slow.process.status, "running");
-    const all = waitForTasks([fast, slow], "all", 60);
     fs.writeFileSync(file("go-slow"), "");
-    await all;
-    assert.equal(slow.process.status, "completed");
+    await slow.ended;
+    await oneTurn();
+    assert.equal(all.done, true, "all: ended with the last end");
   });
 
-  test("manager: 1,000 tasks one after another keep output only for the newest finished ones", async () => {
+  test("manager: 200 tasks one after another keep output only for the newest finished ones", async () => {
     const { bg, ctx } = fixture({ keepOutputOf: 8 });
     let started = 0, finished = 0;
-    while (finished < 1000) {
-      while (started < 1000 && bg.runningCount() < 16) {
+    while (finished < 200) {
+      while (started < 200 && bg.runningCount() < 16) {
         bg.run("printf '%2000s' x");
         started++;
       }
@@ -686,7 +706,7 @@ describe("2. BackgroundManager", () => {
       finished += bg.drain().length;
     }
     const tasks = [...bg.tasks.values()];
-    assert.equal(tasks.length, 1000);
+    assert.equal(tasks.length, 200);
     assert.ok(tasks.every((t) => t.process.status === "completed"));
     assert.equal(tasks.filter((t) => t.process.output !== null).length, 8);
     assert.ok(
@@ -975,6 +995,105 @@ describe("3. The background tools", () => {
 // 4. The agent loop
 // ---------------------------------------------------------------------------
 describe("4. The agent loop", () => {
+  test("loop: blank text in a reply is dropped; a reply of only blank text ends the turn", async () => {
+    const { bg, dir } = fixture();
+    const model = new ScriptedModel([
+      scriptedReply("   ", { tool: "bash", input: { command: "echo hi" } }),
+      scriptedReply(" \n "),
+    ]);
+    const history: Anthropic.MessageParam[] = [];
+    const text = await agentLoop(history, "go", { model, background: bg, workdir: dir });
+    assert.equal(text, "");
+    assert.equal(history.length, 3, "no empty assistant message after the blank reply");
+    appendUserText(history, "next");
+    assert.equal(messagesProblem(history), null);
+    assert.deepEqual(history[1].content, [
+      { type: "tool_use", id: (history[1].content as Anthropic.ToolUseBlockParam[])[0].id, name: "bash", input: { command: "echo hi" } },
+    ], "no blank text block is kept");
+  });
+
+  test("loop: requests carry at most 4 cache breakpoints on a prefix that stays the same", async () => {
+    const { bg, dir } = fixture();
+    const model = new ScriptedModel([
+      scriptedReply({ tool: "bash", input: { command: "echo one" } }),
+      scriptedReply({ tool: "bash", input: { command: "echo two" } }),
+      scriptedReply("Done."),
+    ]);
+    await agentLoop([], "go", { model, background: bg, workdir: dir });
+    const strip = (value: unknown) => JSON.parse(JSON.stringify(value).replace(/,"cache_control":\{"type":"ephemeral"\}/g, ""));
+    for (const request of model.requests) {
+      const marks = JSON.stringify(request).match(/"cache_control"/g)?.length ?? 0;
+      assert.ok(marks >= 2 && marks <= 4, `${marks} breakpoints`);
+      assert.deepEqual(request.system, model.requests[0].system, "the same system prompt");
+      assert.deepEqual(request.tools, model.requests[0].tools, "the same tools");
+    }
+    for (let i = 1; i < model.requests.length; i++) {
+      const before = strip(model.requests[i - 1].messages);
+      const now = strip(model.requests[i].messages);
+      assert.deepEqual(now.slice(0, before.length), before, "the last request is a prefix of this one");
+      const marked = JSON.stringify(model.requests[i].messages[before.length - 1]);
+      assert.match(marked, /cache_control/, "a breakpoint where the last request ended");
+    }
+  });
+
+  test("loop: a flood of 200 ends becomes one bounded block, every end accounted for", async () => {
+    const notes: Notification[] = Array.from({ length: 200 }, (_, i) => ({
+      taskId: i.toString(16).padStart(8, "0"),
+      kind: "ended",
+      text: `${i % 10 === 0 ? "failed (exit 1, 0.1s)" : "completed (exit 0, 0.1s)"}: ${"x".repeat(300)}`,
+    }));
+    const block = formatBackgroundResults(notes);
+    assert.ok(block.length < 9000, `${block.length} characters`);
+    const lines = block.split("\n").slice(1, -1);
+    assert.ok(lines.length <= 21);
+    const summary = lines.at(-1)!;
+    const listed = lines.slice(0, -1).map((l) => l.slice(4, 12));
+    const summed = summary.match(/\(ids: ([^)]*)\)/)![1].split(" ");
+    assert.deepEqual([...listed, ...summed].sort(), notes.map((n) => n.taskId).sort());
+    const failedLater = notes.slice(listed.length).filter((n) => n.text.startsWith("failed")).length;
+    assert.match(summary, new RegExp(`^${summed.length} more tasks ended: .*${failedLater} failed`));
+  });
+
+  test("loop: a context that would overflow keeps going: old results cleared, every task still known", async () => {
+    const { bg, dir } = fixture();
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(bg.run(`echo task-${i}`));
+    await Promise.all(ids.map((id) => bg.tasks.get(id)!.ended));
+    let call = 0;
+    const api = await startFakeApi((body) => {
+      call++;
+      if (call <= 12) {
+        return scriptedReply({ tool: "read_file", input: { path: "big.txt" } });
+      }
+      const text = JSON.stringify(body.messages);
+      const known = ids.filter((id) => text.includes(`[bg:${id}] completed`));
+      return scriptedReply(`I know ${known.length} tasks.`);
+    }, { maxPromptTokens: 40_000 });
+    fs.writeFileSync(path.join(dir, "big.txt"), "lorem ipsum dolor sit amet\n".repeat(1500));
+    try {
+      const retries: string[] = [];
+      const stats = newStats();
+      const options = {
+        model: apiModel(api.url),
+        background: bg,
+        workdir: dir,
+        stats,
+        contextWindow: 60_000, // larger than the API's: the refusal teaches the real one
+        events: { onRetry: (why: string) => retries.push(why) },
+      };
+      const answer = await agentLoop([], "read it again and again", options);
+      assert.equal(answer, "I know 6 tasks.", "the background facts survived the clearing");
+      assert.equal(stats.learntWindow, 40_000, "the window named in the refusal");
+      assert.equal(retries.filter((r) => /prompt was too long/.test(r)).length, 1, "told once");
+      assert.ok(stats.maxContextTokens <= 40_000, `${stats.maxContextTokens} tokens at most`);
+      assert.deepEqual(api.rejected.filter((r) => !/prompt is too long/.test(r)), []);
+      const last = api.requests.at(-1)!;
+      assert.match(JSON.stringify(last.messages), /\[cleared: the result of read_file/);
+    } finally {
+      await api.close();
+    }
+  });
+
   function lastUserJson(request: ModelRequest): string {
     return JSON.stringify(request.messages.at(-1)!.content);
   }

@@ -3020,7 +3020,7 @@ export function configFrom(
 export function readDotEnv(file: string): Record<string, string> {
   const stat = fs.statSync(file, { throwIfNoEntry: false });
   if (!stat?.isFile() || stat.size > 1_000_000) return {}; // a FIFO or a huge file: no
-  return util.parseEnv(fs.readFileSync(file, "utf8")) as Record<string, string>;
+  return { ...util.parseEnv(fs.readFileSync(file, "utf8")) } as Record<string, string>;
 }
 
 /** The configuration from the environment (the command line's .env policy is configFrom). */
