@@ -431,12 +431,17 @@ function agentEnv(more: Record<string, string> = {}): Record<string, string> {
 }
 
 /** Runs agent.ts as a real process under the runtime running these tests. */
-function startAgent(args: string[], options: { cwd: string; env?: Record<string, string> }) {
+function startAgent(
+  args: string[],
+  options: { cwd: string; env?: Record<string, string>; keepStdin?: boolean },
+) {
   const child = spawn(process.execPath, [...runtimeArgs, ...args], {
     cwd: options.cwd,
     env: agentEnv(options.env),
     stdio: ["pipe", "pipe", "pipe"],
   });
+  // A one-shot run reads stdin as context: give it an empty one unless the test writes it.
+  if (args.includes("-p") && !options.keepStdin) child.stdin.end();
   let stdout = "";
   let stderr = "";
   child.stdout.on("data", (chunk) => (stdout += chunk));
@@ -2301,6 +2306,165 @@ describe("9. The command line", { concurrency: 4 }, () => {
         "duration_ms",
       ]);
       assert.equal(result.tasks[0].status, "completed");
+    } finally {
+      await api.close();
+    }
+  });
+
+  /** Parses a JSON Lines stream and checks what every script relies on; returns the events. */
+  function validStream(stdout: string) {
+    const events = stdout.trim().split("\n").map((line) => JSON.parse(line));
+    assert.ok(events.every((e) => typeof e.type === "string"), "every line has a type");
+    assert.equal(events[0].type, "system");
+    assert.equal(events[0].subtype, "init");
+    assert.equal(events.at(-1).type, "result");
+    const started = events.filter((e) => e.type === "task" && e.subtype === "started");
+    const ended = events.filter((e) => e.type === "task" && e.subtype === "ended");
+    assert.deepEqual(ended.map((e) => e.task_id).sort(), started.map((e) => e.task_id).sort());
+    for (const end of ended) {
+      const at = events.indexOf(end);
+      assert.ok(events.findIndex((e) => e.task_id === end.task_id) < at, "started before ended");
+    }
+    return events;
+  }
+
+  test("scripting: --output-format stream-json: init, messages as sent and received, tasks, result", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply("Starting.", {
+          tool: "background_run",
+          input: { command: "echo listening; sleep 0.3; echo bye", ready: "listening" },
+        })
+        : index === 1
+        ? scriptedReply("Started.")
+        : scriptedReply(`Seen: ${JSON.stringify(body.messages.at(-1)).includes("bye")}`)
+    );
+    try {
+      const agent = startAgent(["-p", "go", "--output-format", "stream-json", "--model", "m-1"], {
+        cwd: dir,
+        env: api.env,
+      });
+      const { code, stdout } = await agent.exited;
+      assert.equal(code, 0, agent.output());
+      const events = validStream(stdout);
+      assert.deepEqual(events[0].tools, [
+        "bash",
+        "read_file",
+        "write_file",
+        "edit_file",
+        "background_run",
+        "check_background",
+        "kill_background",
+      ]);
+      assert.equal(events[0].model, "m-1");
+      assert.ok(api.requests.every((r) => (r as unknown as { model: string }).model === "m-1"));
+      const sent = events.filter((e) => e.type === "user").map((e) => e.message);
+      const strip = (v: unknown) => JSON.stringify(v).replace(/,"cache_control":\{"type":"ephemeral"\}/g, "");
+      assert.deepEqual(sent.map(strip), api.requests.map((r) => strip(r.messages.at(-1))));
+      const received = events.filter((e) => e.type === "assistant");
+      assert.equal(received.length, api.requests.length, "one event per reply");
+      assert.deepEqual(received[0].message.content[0], { type: "text", text: "Starting." });
+      const ready = events.find((e) => e.type === "task" && e.subtype === "ready");
+      assert.equal(ready.line, "listening");
+      const ended = events.find((e) => e.type === "task" && e.subtype === "ended");
+      assert.deepEqual(
+        [ended.status, ended.exit_code, ended.preview, typeof ended.duration_ms],
+        ["completed", 0, "listening | bye", "number"],
+      );
+      const result = events.at(-1);
+      assert.deepEqual([result.subtype, result.is_error, result.result, result.num_turns], [
+        "success",
+        false,
+        "Seen: true",
+        api.requests.length,
+      ]);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("scripting: json on failure, --max-turns, stdin as the prompt and as context", async () => {
+    const dir = workspace();
+    const api = await startFakeApi(() =>
+      scriptedReply({ tool: "background_run", input: { command: "sleep 300" } })
+    );
+    try {
+      const capped = startAgent(["-p", "loop", "--json", "--max-turns", "2"], {
+        cwd: dir,
+        env: api.env,
+      });
+      const result = await capped.exited;
+      assert.equal(result.code, 3, capped.output());
+      const json = JSON.parse(result.stdout);
+      assert.deepEqual([json.subtype, json.is_error, json.num_turns], ["error_max_turns", true, 2]);
+      assert.deepEqual(json.tasks.map((t: { status: string }) => t.status), ["killed", "killed"]);
+      const dead = await startAgent(["-p", "hi", "--json"], {
+        cwd: dir,
+        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "http://127.0.0.1:9" },
+      }).exited;
+      assert.equal(dead.code, 1);
+      const failed = JSON.parse(dead.stdout);
+      assert.deepEqual([failed.subtype, failed.is_error], ["error", true]);
+      assert.match(failed.result, /^cannot reach the API/);
+    } finally {
+      await api.close();
+    }
+    const echo = await startFakeApi((body) =>
+      scriptedReply(JSON.stringify((body.messages[0].content as Anthropic.TextBlockParam[])[0].text))
+    );
+    try {
+      for (const [args, expected] of [[["-p"], "the diff"], [["-p", "review this"], "the diff\n\nreview this"]] as const) {
+        const agent = startAgent([...args], { cwd: dir, env: echo.env, keepStdin: true });
+        agent.child.stdin.end("the diff\n");
+        const { code, stdout } = await agent.exited;
+        assert.equal(code, 0, agent.output());
+        assert.equal(JSON.parse(stdout.trim()), expected);
+      }
+    } finally {
+      await echo.close();
+    }
+  });
+
+  test("scripting: --input-format stream-json: messages, kill and interrupt, bad lines, EOF", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body) => {
+      const last = JSON.stringify(body.messages.at(-1));
+      if (last.includes("start it")) {
+        return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
+      }
+      if (last.includes("tool_result")) return scriptedReply("Started.");
+      return scriptedReply(`Heard: ${last.includes("killed") ? "killed" : "other"}`);
+    });
+    try {
+      const agent = startAgent(["--input-format", "stream-json", "--output-format", "stream-json"], {
+        cwd: dir,
+        env: api.env,
+      });
+      const send = (line: unknown) =>
+        agent.child.stdin.write((typeof line === "string" ? line : JSON.stringify(line)) + "\n");
+      send("this is not json");
+      send({ type: "nonsense" });
+      send({ type: "user", message: { role: "user", content: "start it" } });
+      await eventually(() => agent.output().includes('"subtype":"started"'), "the task");
+      const id = agent.output().match(/"subtype":"started","task_id":"(\w{8})"/)![1];
+      await eventually(() => agent.output().includes("Started."), "the turn's end");
+      send({ type: "control", subtype: "kill", task_id: id });
+      await eventually(() => agent.output().includes('"subtype":"ended"'), "the end");
+      send({ type: "user", message: { role: "user", content: [{ type: "text", text: "and?" }] } });
+      await eventually(() => agent.output().includes("Heard: killed"), "the end, reported");
+      agent.child.stdin.end();
+      const { code, stdout } = await agent.exited;
+      assert.equal(code, 0, agent.output());
+      const events = validStream(stdout);
+      const errors = events.filter((e) => e.type === "error");
+      assert.deepEqual(errors.map((e) => e.message), [
+        "not valid JSON",
+        'unknown line type: "nonsense"',
+      ]);
+      const kill = events.find((e) => e.type === "control_response");
+      assert.deepEqual([kill.subtype, kill.task_id, kill.ok], ["kill", id, true]);
+      assert.equal(events.at(-1).subtype, "success");
     } finally {
       await api.close();
     }

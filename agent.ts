@@ -3365,6 +3365,7 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
   const finished = await runToEnd(session, prompt, events);
+  await stopAll(session.background); // past --max-turns or an error, tasks end before the result
   if (format !== "text") {
     const line = resultJson(session, finished, options.keepLogs);
     process.stdout.write(JSON.stringify(line) + "\n");
