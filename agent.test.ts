@@ -20,44 +20,44 @@ import {
   cleanOutput,
   colorsFor,
   type Config,
+  configFrom,
   cutText,
   DEMO_PROMPTS,
   demoModel,
+  endMarkedProcesses,
   findTask,
   formatBackgroundResults,
   HELP,
   InterruptedError,
   KEEP_OUTPUT_OF_FINISHED,
-  configFrom,
-  endMarkedProcesses,
   LogFolder,
   type ModelReply,
   type ModelRequest,
+  newStats,
   type Notification,
   OutputBuffer,
-  newStats,
-  readDotEnv,
-  readOwnerRecord,
-  RUN_ID,
-  SafePattern,
-  StateFolder,
-  stopAll,
-  waitForTasks,
   parseArgs,
   preview,
   procStat,
   promptText,
   readConfig,
+  readDotEnv,
+  readOwnerRecord,
   resolveInWorkspace,
+  RUN_ID,
   runSlashCommand,
   runTool,
+  SafePattern,
   ScriptedModel,
   scriptedReply,
   ShellProcess,
+  StateFolder,
+  stopAll,
   TASK_LIST_MAX,
   TaskLog,
   TOOL_RESULT_MAX_CHARS,
   type ToolContext,
+  waitForTasks,
   wellFormed,
 } from "./agent.ts";
 
@@ -68,7 +68,11 @@ import {
 /** Every test has a timeout: a hang fails that one test instead of stalling the suite. */
 const TEST_TIMEOUT_MS = 60_000;
 type TestBody = () => unknown;
-function test(name: string, first: TestBody | { skip?: unknown; timeout?: number }, body?: TestBody) {
+function test(
+  name: string,
+  first: TestBody | { skip?: unknown; timeout?: number },
+  body?: TestBody,
+) {
   const options = typeof first === "function" ? {} : first;
   const fn = typeof first === "function" ? first : body!;
   return nodeTest(name, { timeout: TEST_TIMEOUT_MS, ...options } as { timeout: number }, fn);
@@ -581,14 +585,24 @@ describe("1. Configuration", () => {
     assert.match(mine.ignored!, /ignored ANTHROPIC_BASE_URL \(it comes with no key of its own/);
     // A .env with its own key may choose its endpoint (a proxy the repository's owner runs).
     const own = configFrom({}, { ...hostile, ANTHROPIC_API_KEY: "repo-key" }, "/w");
-    assert.deepEqual([own.config.apiKey, own.config.baseURL], ["repo-key", hostile.ANTHROPIC_BASE_URL]);
+    assert.deepEqual([own.config.apiKey, own.config.baseURL], [
+      "repo-key",
+      hostile.ANTHROPIC_BASE_URL,
+    ]);
     // ...but not when the user's own key is the one in effect.
-    const both = configFrom({ ANTHROPIC_API_KEY: "user-key" }, { ...hostile, ANTHROPIC_API_KEY: "x" });
+    const both = configFrom({ ANTHROPIC_API_KEY: "user-key" }, {
+      ...hostile,
+      ANTHROPIC_API_KEY: "x",
+    });
     assert.deepEqual([both.config.apiKey, both.config.baseURL], ["user-key", null]);
   });
 
   test("trust: .env sets nothing but the key, the model and a base URL; children never see it", async () => {
-    const { config, ignored } = configFrom({}, { BASH_ENV: "./.hook.sh", PATH: "/evil", MODEL_ID: "m" });
+    const { config, ignored } = configFrom({}, {
+      BASH_ENV: "./.hook.sh",
+      PATH: "/evil",
+      MODEL_ID: "m",
+    });
     assert.equal(config.model, "m");
     assert.match(ignored!, /^\.env: ignored BASH_ENV, PATH; /);
     assert.equal(process.env.BASH_ENV, undefined, "nothing was copied into the environment");
@@ -981,7 +995,7 @@ describe("3. The background tools", () => {
         "background_run",
         { command: "true", ready: "(" },
         "Error: ready is not a regular expression RE2 accepts (missing closing ): `(`); " +
-          "lookaround and backreferences are not supported",
+        "lookaround and backreferences are not supported",
       ],
       ["kill_background", { task_id: "zzz" }, "Error: unknown task id: zzz (known: none)"],
       [
@@ -1013,7 +1027,12 @@ describe("4. The agent loop", () => {
     appendUserText(history, "next");
     assert.equal(messagesProblem(history), null);
     assert.deepEqual(history[1].content, [
-      { type: "tool_use", id: (history[1].content as Anthropic.ToolUseBlockParam[])[0].id, name: "bash", input: { command: "echo hi" } },
+      {
+        type: "tool_use",
+        id: (history[1].content as Anthropic.ToolUseBlockParam[])[0].id,
+        name: "bash",
+        input: { command: "echo hi" },
+      },
     ], "no blank text block is kept");
   });
 
@@ -1025,7 +1044,8 @@ describe("4. The agent loop", () => {
       scriptedReply("Done."),
     ]);
     await agentLoop([], "go", { model, background: bg, workdir: dir });
-    const strip = (value: unknown) => JSON.parse(JSON.stringify(value).replace(/,"cache_control":\{"type":"ephemeral"\}/g, ""));
+    const strip = (value: unknown) =>
+      JSON.parse(JSON.stringify(value).replace(/,"cache_control":\{"type":"ephemeral"\}/g, ""));
     for (const request of model.requests) {
       const marks = JSON.stringify(request).match(/"cache_control"/g)?.length ?? 0;
       assert.ok(marks >= 2 && marks <= 4, `${marks} breakpoints`);
@@ -1035,7 +1055,11 @@ describe("4. The agent loop", () => {
     for (let i = 1; i < model.requests.length; i++) {
       const before = strip(model.requests[i - 1].messages);
       const now = strip(model.requests[i].messages);
-      assert.deepEqual(now.slice(0, before.length), before, "the last request is a prefix of this one");
+      assert.deepEqual(
+        now.slice(0, before.length),
+        before,
+        "the last request is a prefix of this one",
+      );
       const marked = JSON.stringify(model.requests[i].messages[before.length - 1]);
       assert.match(marked, /cache_control/, "a breakpoint where the last request ended");
     }
@@ -1045,7 +1069,9 @@ describe("4. The agent loop", () => {
     const notes: Notification[] = Array.from({ length: 200 }, (_, i) => ({
       taskId: i.toString(16).padStart(8, "0"),
       kind: "ended",
-      text: `${i % 10 === 0 ? "failed (exit 1, 0.1s)" : "completed (exit 0, 0.1s)"}: ${"x".repeat(300)}`,
+      text: `${i % 10 === 0 ? "failed (exit 1, 0.1s)" : "completed (exit 0, 0.1s)"}: ${
+        "x".repeat(300)
+      }`,
     }));
     const block = formatBackgroundResults(notes);
     assert.ok(block.length < 9000, `${block.length} characters`);
@@ -1055,8 +1081,12 @@ describe("4. The agent loop", () => {
     const listed = lines.slice(0, -1).map((l) => l.slice(4, 12));
     const summed = summary.match(/\(ids: ([^)]*)\)/)![1].split(" ");
     assert.deepEqual([...listed, ...summed].sort(), notes.map((n) => n.taskId).sort());
-    const failedLater = notes.slice(listed.length).filter((n) => n.text.startsWith("failed")).length;
-    assert.match(summary, new RegExp(`^${summed.length} more tasks ended: .*${failedLater} failed`));
+    const failedLater =
+      notes.slice(listed.length).filter((n) => n.text.startsWith("failed")).length;
+    assert.match(
+      summary,
+      new RegExp(`^${summed.length} more tasks ended: .*${failedLater} failed`),
+    );
   });
 
   test("loop: a context that would overflow keeps going: old results cleared, every task still known", async () => {
@@ -1441,7 +1471,10 @@ describe("5. Processes and output", () => {
     const orphaned = bg.run("echo never");
     const notes = await notifications(bg, 2);
     assert.ok(notes.every((n) => n.text.startsWith("error (no exit code")));
-    assert.match(bg.tasks.get(huge)!.process.error!, /could not start: .*(E2BIG|Argument list too long)/);
+    assert.match(
+      bg.tasks.get(huge)!.process.error!,
+      /could not start: .*(E2BIG|Argument list too long)/,
+    );
     assert.match(bg.tasks.get(orphaned)!.process.error!, /the working folder .* does not exist/);
     await new Promise((resolve) => setTimeout(resolve, 50));
     assert.deepEqual(bg.drain(), [], "no second notification");
@@ -1601,7 +1634,10 @@ describe("5. Processes and output", () => {
     }
     const left = fs.readdirSync(path.join(dir, "logs")).sort();
     assert.deepEqual(left, ids.slice(2).map((id) => `${id}.log`).sort());
-    assert.match(bg.tasks.get(ids[0])!.process.log!.describe(), /removed: only the newest logs are kept/);
+    assert.match(
+      bg.tasks.get(ids[0])!.process.log!.describe(),
+      /removed: only the newest logs are kept/,
+    );
   });
 
   test("orphans: what a dead agent's children left running is ended at the next start; nothing else", async () => {
@@ -1648,14 +1684,20 @@ describe("5. Processes and output", () => {
       {},
       [],
       "x",
-      { agent: { pid: `../../../..${victimDir}`, startTime: 1 }, runId: "0123456789abcdef", keepLogs: false },
+      {
+        agent: { pid: `../../../..${victimDir}`, startTime: 1 },
+        runId: "0123456789abcdef",
+        keepLogs: false,
+      },
       { agent: { pid: 999999999, startTime: 1 }, runId: "../../etc", keepLogs: false },
       { agent: { pid: 999999999, startTime: 1 }, runId: "fedcba9876543210", keepLogs: false },
     ];
     for (const record of forged) {
       const dir = fs.mkdtempSync(path.join(state.root, "run-"));
       fs.writeFileSync(path.join(dir, "owner.json"), JSON.stringify(record));
-      if (record !== forged.at(-1)) assert.equal(readOwnerRecord(path.join(dir, "owner.json")), null);
+      if (record !== forged.at(-1)) {
+        assert.equal(readOwnerRecord(path.join(dir, "owner.json")), null);
+      }
     }
     const fifoDir = fs.mkdtempSync(path.join(state.root, "run-"));
     spawnSync("mkfifo", [path.join(fifoDir, "owner.json")]);
@@ -1668,16 +1710,18 @@ describe("5. Processes and output", () => {
 
   test("trust: a state folder that is not this user's private folder is never used", () => {
     const uid = process.getuid!();
-    for (const [make, why] of [
-      [(dir: string) => fs.mkdirSync(dir, { mode: 0o755 }), /can be read by others \(mode 755\)/],
-      [(dir: string) => fs.symlinkSync(workspace(), dir), /is not a folder \(a link or a file\)/],
-      ...(uid === 0
-        ? [[(dir: string) => {
-          fs.mkdirSync(dir, { mode: 0o700 });
-          fs.chownSync(dir, 65534, 65534);
-        }, /belongs to another user \(uid 65534\)/]] as const
-        : []),
-    ] as const) {
+    for (
+      const [make, why] of [
+        [(dir: string) => fs.mkdirSync(dir, { mode: 0o755 }), /can be read by others \(mode 755\)/],
+        [(dir: string) => fs.symlinkSync(workspace(), dir), /is not a folder \(a link or a file\)/],
+        ...(uid === 0
+          ? [[(dir: string) => {
+            fs.mkdirSync(dir, { mode: 0o700 });
+            fs.chownSync(dir, 65534, 65534);
+          }, /belongs to another user \(uid 65534\)/]] as const
+          : []),
+      ] as const
+    ) {
       const tmp = workspace();
       const shared = path.join(tmp, `s08-agent-${uid}`);
       make(shared);
@@ -1969,7 +2013,12 @@ describe("7. Models", { concurrency: 4 }, () => {
       const retries: string[] = [];
       const events = { onRetry: (why: string) => retries.push(why) };
       assert.equal(
-        await agentLoop([], "hi", { model: apiModel(api.url), background: bg, workdir: dir, events }),
+        await agentLoop([], "hi", {
+          model: apiModel(api.url),
+          background: bg,
+          workdir: dir,
+          events,
+        }),
         "Made it.",
       );
       assert.equal(api.requests.length, 4);
@@ -2012,7 +2061,10 @@ describe("7. Models", { concurrency: 4 }, () => {
       answers.push({ status: 429, message: "slow down", retryAfter: 3600 });
       const error = await agentLoop([], "again", options).catch((e) => e);
       assert.ok(error instanceof ApiError);
-      assert.match(error.message, /the API asks to wait 3600s \(retry-after\), longer than the 60s/);
+      assert.match(
+        error.message,
+        /the API asks to wait 3600s \(retry-after\), longer than the 60s/,
+      );
       assert.equal(retries.length, 1, "no retry when the wait is past the cap");
     } finally {
       await api.close();
@@ -2203,10 +2255,16 @@ describe("9. The command line", { concurrency: 4 }, () => {
     assert.equal(parseArgs(["hello there"]).print, true);
     assert.deepEqual(parseArgs(["-p"]).prompt, null, "the prompt may come on stdin");
     assert.equal(parseArgs(["--no-demo", "--keep-logs"]).keepLogs, true);
-    assert.equal(parseArgs(["-p", "x", "--output-format", "stream-json"]).outputFormat, "stream-json");
+    assert.equal(
+      parseArgs(["-p", "x", "--output-format", "stream-json"]).outputFormat,
+      "stream-json",
+    );
     assert.equal(parseArgs(["-p", "x", "--model", "m", "--max-turns", "3"]).maxTurns, 3);
     assert.throws(() => parseArgs(["--json"]), /--output-format json needs -p/);
-    assert.throws(() => parseArgs(["-p", "x", "--output-format", "xml"]), /text, json or stream-json/);
+    assert.throws(
+      () => parseArgs(["-p", "x", "--output-format", "xml"]),
+      /text, json or stream-json/,
+    );
     assert.throws(() => parseArgs(["-p", "x", "--max-turns", "0"]), /--max-turns needs a whole/);
     assert.throws(
       () => parseArgs(["--input-format", "stream-json"]),
@@ -2297,7 +2355,10 @@ describe("9. The command line", { concurrency: 4 }, () => {
         "cache_read_input_tokens",
       ]);
       assert.equal(result.usage.output_tokens, 15);
-      assert.ok(result.usage.cache_read_input_tokens > 0, "the second call reads the first's cache");
+      assert.ok(
+        result.usage.cache_read_input_tokens > 0,
+        "the second call reads the first's cache",
+      );
       assert.deepEqual(Object.keys(result.tasks[0]), [
         "task_id",
         "command",
@@ -2326,6 +2387,38 @@ describe("9. The command line", { concurrency: 4 }, () => {
       assert.ok(events.findIndex((e) => e.task_id === end.task_id) < at, "started before ended");
     }
     return events;
+  }
+
+  test("cli: SIGTERM to the wrapper of each documented start (npm start, npx tsx) ends it all", {
+    skip: isDeno && "the npm wrappers are Node's",
+  }, async () => {
+    for (const command of ["npm start --silent", `npx --prefix ${repoDir} tsx agent.ts`]) {
+      const dir = workspace();
+      const wrapper = spawn("bash", ["-c", `cd ${repoDir} && exec ${command}`], {
+        env: { ...agentEnv(), S08_TEST_MARK: dir },
+        stdio: ["pipe", "pipe", "pipe"],
+        detached: true,
+      });
+      let output = "";
+      wrapper.stdout.on("data", (chunk) => (output += chunk));
+      await eventually(() => output.includes("[bg:"), `${command}: a demo task's notice`);
+      const mine = () => processesWithEnv(`S08_TEST_MARK=${dir}`);
+      assert.ok(mine().length >= 2, "the agent and its tasks run");
+      process.kill(wrapper.pid!, "SIGTERM"); // the process a supervisor started: the wrapper
+      await eventually(() => mine().length === 0, `${command}: nothing left running`, 10);
+    }
+  });
+
+  /** Live processes whose environment holds `entry` (this user's only). */
+  function processesWithEnv(entry: string): number[] {
+    return fs.readdirSync("/proc").filter((e) => /^\d+$/.test(e)).map(Number).filter((pid) => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/environ`, "utf8").split("\0").includes(entry) &&
+          isAlive(pid);
+      } catch {
+        return false;
+      }
+    });
   }
 
   test("scripting: --output-format stream-json: init, messages as sent and received, tasks, result", async () => {
@@ -2360,7 +2453,8 @@ describe("9. The command line", { concurrency: 4 }, () => {
       assert.equal(events[0].model, "m-1");
       assert.ok(api.requests.every((r) => (r as unknown as { model: string }).model === "m-1"));
       const sent = events.filter((e) => e.type === "user").map((e) => e.message);
-      const strip = (v: unknown) => JSON.stringify(v).replace(/,"cache_control":\{"type":"ephemeral"\}/g, "");
+      const strip = (v: unknown) =>
+        JSON.stringify(v).replace(/,"cache_control":\{"type":"ephemeral"\}/g, "");
       assert.deepEqual(sent.map(strip), api.requests.map((r) => strip(r.messages.at(-1))));
       const received = events.filter((e) => e.type === "assistant");
       assert.equal(received.length, api.requests.length, "one event per reply");
@@ -2411,10 +2505,17 @@ describe("9. The command line", { concurrency: 4 }, () => {
       await api.close();
     }
     const echo = await startFakeApi((body) =>
-      scriptedReply(JSON.stringify((body.messages[0].content as Anthropic.TextBlockParam[])[0].text))
+      scriptedReply(
+        JSON.stringify((body.messages[0].content as Anthropic.TextBlockParam[])[0].text),
+      )
     );
     try {
-      for (const [args, expected] of [[["-p"], "the diff"], [["-p", "review this"], "the diff\n\nreview this"]] as const) {
+      for (
+        const [args, expected] of [[["-p"], "the diff"], [
+          ["-p", "review this"],
+          "the diff\n\nreview this",
+        ]] as const
+      ) {
         const agent = startAgent([...args], { cwd: dir, env: echo.env, keepStdin: true });
         agent.child.stdin.end("the diff\n");
         const { code, stdout } = await agent.exited;
@@ -2437,10 +2538,13 @@ describe("9. The command line", { concurrency: 4 }, () => {
       return scriptedReply(`Heard: ${last.includes("killed") ? "killed" : "other"}`);
     });
     try {
-      const agent = startAgent(["--input-format", "stream-json", "--output-format", "stream-json"], {
-        cwd: dir,
-        env: api.env,
-      });
+      const agent = startAgent(
+        ["--input-format", "stream-json", "--output-format", "stream-json"],
+        {
+          cwd: dir,
+          env: api.env,
+        },
+      );
       const send = (line: unknown) =>
         agent.child.stdin.write((typeof line === "string" ? line : JSON.stringify(line)) + "\n");
       send("this is not json");
@@ -2749,7 +2853,10 @@ describe("9. The command line", { concurrency: 4 }, () => {
       runSlashCommand("/cost", session),
       "0 model calls; tokens: 1,000 in, 0 out, cache: 9,000 read, 0 written; about $0.0057",
     );
-    assert.equal(runSlashCommand("/frobnicate", session), "Unknown command /frobnicate. Try /help.");
+    assert.equal(
+      runSlashCommand("/frobnicate", session),
+      "Unknown command /frobnicate. Try /help.",
+    );
     await stopAll(bg);
   });
 });

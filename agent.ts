@@ -3229,10 +3229,12 @@ function installExitHandlers(session: Session): void {
   process.on("exit", () => {
     for (const proc of ShellProcess.live) proc.killNow();
   });
-  // A wrapper (npx, npm start) that dies of a signal leaves us orphaned: exit as if signalled.
+  // A wrapper (npx, npm start, tsx) that dies of a signal does not pass it on: exit as if
+  // signalled when the parent, or a tsx wrapper's own parent, is gone.
   const parent = process.ppid;
+  const watched = wrapperParents(parent);
   setInterval(() => {
-    if (process.ppid !== parent) void exitCleanly(session, 129);
+    if (process.ppid !== parent || !watched.every(isRunning)) void exitCleanly(session, 129);
   }, 1000).unref();
   let crashed = false;
   const crash = (err: unknown): void => {
@@ -3252,6 +3254,31 @@ function installExitHandlers(session: Session): void {
   process.stderr.on("error", crash);
   process.on("uncaughtException", crash);
   process.on("unhandledRejection", crash);
+}
+
+/** The parent, and when the parent is tsx's command line, the process that started it. */
+function wrapperParents(parent: number): number[] {
+  try {
+    if (!/tsx/.test(fs.readFileSync(`/proc/${parent}/cmdline`, "utf8"))) return [parent];
+    const grandparent = procStatParent(parent);
+    return grandparent > 1 ? [parent, grandparent] : [parent];
+  } catch {
+    return [parent]; // no /proc (or Deno without -A): the parent alone
+  }
+}
+
+function procStatParent(pid: number): number {
+  const text = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  return Number(text.slice(text.lastIndexOf(")") + 2).split(" ")[1]);
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM"; // alive, someone else's
+  }
 }
 
 /** Writes one JSON object per line on stdout, as it happens (stream-json). */
