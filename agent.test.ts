@@ -751,7 +751,7 @@ describe("3. The background tools", () => {
     assert.equal((await run("background_run", { command: "sleep 30" })).isError, false);
     const third = await run("background_run", { command: "sleep 30" });
     assert.equal(third.isError, true);
-    assert.match(third.content, /too many tasks running \(2\): wait or kill/);
+    assert.match(third.content, /2 tasks run already: wait or kill/);
     await stopAll(bg);
     assert.equal(bg.runningCount(), 0);
   });

@@ -19,7 +19,6 @@
  *
  * Key insight: the loop stays single-threaded. Only the child processes run in parallel,
  * and the queue is the one place where their results meet the conversation.
- *
  * Part I is the lesson, in the tutorial's order; Part II is the machinery that makes it safe
  * to run for real. Importing this file starts nothing; running it starts the command line.
  * @module
@@ -38,8 +37,7 @@ import process from "node:process";
 //   checkTasks, taskList, killTask   what check_background and kill_background do (7)
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
 //   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
-//   Model, callModel             messages in, reply out: caching, retries, usage (9)
-//   LoopOptions                  what a turn is given: model, tasks, events, limits (9)
+//   Model, callModel, LoopOptions   messages in, reply out (cached, retried); a turn's needs (9)
 //   InterruptedError, INTERRUPTED_NOTE   Ctrl-C ended the turn; the note says so (9)
 // ===========================================================================
 
@@ -48,6 +46,7 @@ import process from "node:process";
 // The limits the harness holds, and the system prompt: slow commands belong in the background.
 // ---------------------------------------------------------------------------
 
+/** The model when neither MODEL_ID nor --model names one. */
 export const DEFAULT_MODEL = "claude-sonnet-5-5";
 /** A background task is killed after this long, unless it asks for another timeout. */
 export const DEFAULT_BACKGROUND_TIMEOUT_SEC = 300;
@@ -78,25 +77,25 @@ don't just explain.`;
 
 /** One background task: a process with an id. The process holds its state, during and after. */
 export interface BackgroundTask {
-  readonly id: string;
-  readonly process: ShellProcess;
-  readonly ended: Promise<void>; // resolves once it has ended and its notification is queued
+  /** 8 hex characters. */ readonly id: string;
+  /** The shell command's process. */ readonly process: ShellProcess;
+  /** Resolves once it has ended and its notification is queued. */ readonly ended: Promise<void>;
 }
 
 /** What the model should hear about a task: it ended, became ready, went quiet, or asks. */
 export interface Notification {
-  taskId: string;
-  kind: "ended" | "ready" | "quiet" | "input";
-  text: string; // in the process's own words: "completed (exit 0, 5.0s): done"
+  /** The task it is about. */ taskId: string;
+  /** What happened. */ kind: "ended" | "ready" | "quiet" | "input";
+  /** In the process's own words: "completed (exit 0, 5.0s): done". */ text: string;
 }
 
 /** Limits, task logs, and callbacks for a user interface that shows tasks as they change. */
 export interface ManagerOptions {
-  maxRunning?: number;
-  logs?: LogFolder | null; // none: output is kept in memory only
-  keepOutputOf?: number; // how many finished tasks keep their output and log
-  onStart?: (task: BackgroundTask) => void;
-  onNotification?: (notification: Notification, task: BackgroundTask) => void;
+  /** Tasks running at once (default 16). */ maxRunning?: number;
+  /** Task logs; none: output is kept in memory only. */ logs?: LogFolder | null;
+  /** How many finished tasks keep their output and log. */ keepOutputOf?: number;
+  /** A task started. */ onStart?: (task: BackgroundTask) => void;
+  /** Each one as queued. */ onNotification?: (n: Notification, task: BackgroundTask) => void;
 }
 
 /**
@@ -108,20 +107,18 @@ export interface ManagerOptions {
  * background.drain(); // [{ taskId: id, kind: "ended", text: "completed (exit 0, 1.0s): done" }]
  */
 export class BackgroundManager {
-  readonly tasks = new Map<string, BackgroundTask>();
-  /** What happened, oldest first, until the loop drains it. */
-  readonly queue: Notification[] = [];
+  /** Every task by id, finished ones too. */ readonly tasks = new Map<string, BackgroundTask>();
+  /** What happened, oldest first, until drained. */ readonly queue: Notification[] = [];
   private wakeUps: Array<() => void> = [];
   private retention = new Retention();
 
+  /** Tasks run in `workdir`; options hold the limits, the logs and the callbacks. */
   constructor(readonly workdir: string, readonly options: ManagerOptions = {}) {}
 
   /** Starts the command and returns its task id at once; the process runs on. */
   run(command: string, watch: WatchOptions = {}): string {
     const limit = this.options.maxRunning ?? MAX_RUNNING_TASKS;
-    if (this.runningCount() >= limit) {
-      throw new Error(`too many tasks running (${limit}): wait or kill`);
-    }
+    if (this.runningCount() >= limit) throw new Error(`${limit} tasks run already: wait or kill`);
     let id = randomBytes(4).toString("hex"); // 8 lowercase hex characters
     while (this.tasks.has(id)) id = randomBytes(4).toString("hex");
     const log = this.options.logs?.open(id);
@@ -133,6 +130,7 @@ export class BackgroundManager {
     return id;
   }
 
+  /** How many tasks are running now. */
   runningCount(): number {
     return [...this.tasks.values()].filter((t) => t.process.status === "running").length;
   }
@@ -153,6 +151,7 @@ export class BackgroundManager {
     return new Promise((resolve) => this.wakeUps.push(resolve));
   }
 
+  /** Queues a notification and wakes whoever waits for one. */
   private notify(id: string, kind: Notification["kind"], text: string): void {
     const notification = { taskId: id, kind, text };
     this.queue.push(notification);
@@ -171,10 +170,11 @@ export class BackgroundManager {
 // ---------------------------------------------------------------------------
 // 3. The background tools
 // A tool is a JSON schema the model sees plus a handler the harness runs (bash and the file
-// tools are the earlier steps', section 8). Where the tutorial differs: check_background can
-// also wait, and kill_background exists: a model that starts work must be able to stop it.
+// tools are the earlier steps', section 8). Where the tutorial differs: check_background also
+// waits, and kill_background exists: a model that starts work must be able to stop it.
 // ---------------------------------------------------------------------------
 
+/** background_run, check_background and kill_background, as the model sees them. */
 export const BACKGROUND_TOOLS: ToolDefinition[] = [
   {
     name: "background_run",
@@ -193,16 +193,14 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
         },
         quiet_after: {
           type: "integer",
-          description: "Seconds without output before you are told it went quiet " +
-            "(default 60; 0 turns it off).",
+          description: "Seconds of silence before you are told (default 60; 0: never).",
         },
       },
       required: ["command"],
     },
     run(input, context) {
-      const command = input.command as string;
-      const id = context.background.run(command, watchOptionsFrom(input));
-      return `Background task ${id} started: ${oneLine(command)}`;
+      const id = context.background.run(input.command as string, watchOptionsFrom(input));
+      return `Background task ${id} started: ${oneLine(input.command as string)}`;
     },
   },
   {
@@ -256,12 +254,12 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
  * the model stops calling tools. The history is valid for the Messages API whenever this
  * returns or throws. Returns the model's last text.
  * @example
- * const history: Anthropic.MessageParam[] = [];
+ * const history: MessageParam[] = [];
  * const options = { model: anthropicModel(readConfig()), background, workdir: process.cwd() };
  * console.log(await agentLoop(history, "run the tests in the background", options));
  */
 export async function agentLoop(
-  history: Anthropic.MessageParam[],
+  history: MessageParam[],
   userText: string | null,
   options: LoopOptions,
 ): Promise<string> {
@@ -294,7 +292,7 @@ export async function agentLoop(
 
 /** Step 1: what the background reported enters the conversation as one block. */
 export function injectBackgroundResults(
-  history: Anthropic.MessageParam[],
+  history: MessageParam[],
   background: BackgroundManager,
 ): void {
   const notifications = background.drain();
@@ -315,7 +313,7 @@ export function formatBackgroundResults(notifications: Notification[]): string {
  * Adds harness text to the last user message, or as a new one. Where the tutorial differs: it
  * then adds an assistant turn "Noted background results."; a request must end on a user turn.
  */
-export function appendUserText(history: Anthropic.MessageParam[], text: string): void {
+export function appendUserText(history: MessageParam[], text: string): void {
   if (text.trim() === "") return; // the API rejects blank text blocks
   if (history.at(-1)?.role !== "user") history.push({ role: "user", content: [] });
   const last = history.at(-1)!;
@@ -332,7 +330,7 @@ async function waitForMoreBackground(options: LoopOptions): Promise<boolean> {
 }
 
 /** Keeps the reply in the history and returns its text (blank text is dropped: invalid). */
-function recordReply(history: Anthropic.MessageParam[], reply: ModelReply): string {
+function recordReply(history: MessageParam[], reply: ModelReply): string {
   const content = reply.content.filter((b) => b.type !== "text" || b.text.trim() !== "");
   if (content.length > 0) history.push({ role: "assistant", content });
   return content.flatMap((b) => (b.type === "text" ? [b.text] : [])).join("\n");
@@ -340,7 +338,7 @@ function recordReply(history: Anthropic.MessageParam[], reply: ModelReply): stri
 
 /** Step 3: every tool_use is answered by a tool_result, in order, in the next user message. */
 async function runToolCalls(calls: ToolCall[], reply: ModelReply, options: LoopOptions) {
-  const results: Anthropic.ToolResultBlockParam[] = [];
+  const results: ToolResultBlockParam[] = [];
   for (const call of calls) {
     // A reply cut off by max_tokens may end in a tool call whose input is cut off too.
     const cutOff = reply.stop_reason === "max_tokens" && call === calls.at(-1);
@@ -382,22 +380,24 @@ import { RE2JS } from "re2js";
 export const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 const SHELL = "bash";
 /** How long a process group gets between SIGTERM and SIGKILL. */
-export const KILL_GRACE_MS = 1000;
+const KILL_GRACE_MS = 1000;
 /** How long output may still arrive after the shell has exited. */
 const PIPE_GRACE_MS = 1000;
 /** The longest timeout, quiet_after or wait anyone may ask for (one timer can hold it). */
-export const MAX_TIMER_SEC = 86_400;
+const MAX_TIMER_SEC = 86_400;
 /** This agent's run id: every child has it in its environment as S08_AGENT_RUN. */
-export const RUN_ID = randomBytes(8).toString("hex");
+export const RUN_ID: string = randomBytes(8).toString("hex");
 
 /** How a process ended, or that it still runs. */
 export type TaskStatus = "running" | "completed" | "failed" | "timeout" | "killed" | "error";
 
 /** How to run one shell command. Watchers exist only when someone listens (onEvent). */
 export interface ShellOptions {
+  /** Where the command runs. */
   cwd: string;
   /** Seconds before it is killed (default DEFAULT_BACKGROUND_TIMEOUT_SEC). */
   timeoutSec?: number;
+  /** Where the whole output goes, capped; none: memory only. */
   log?: TaskLog | null;
   /** The first output line that matches is reported as "ready". */
   ready?: SafePattern | null;
@@ -414,16 +414,27 @@ export class ShellProcess {
   /** Every process still alive, so the agent can end them all on its way out. */
   static readonly live = new Set<ShellProcess>();
 
+  /** Resolves once the process has ended and its state is final. */
   readonly done: Promise<void>;
-  readonly startedAt = Date.now();
+  /** When it started (ms since the epoch). */
+  readonly startedAt: number = Date.now();
+  /** Running, or how it ended. */
   status: TaskStatus = "running";
+  /** The shell's exit code, once it exited by itself. */
   exitCode: number | null = null;
+  /** The signal that ended the shell, if one did. */
   signal: string | null = null;
+  /** When it ended. */
   endedAt: number | null = null;
-  error: string | null = null; // why it could not start
-  output: OutputBuffer | null = new OutputBuffer(); // null once released
+  /** Why it could not start, if it could not. */
+  error: string | null = null;
+  /** The kept output; null once released. */
+  output: OutputBuffer | null = new OutputBuffer();
+  /** The task log, if it has one. */
   log: TaskLog | null;
+  /** The `ready` pattern, if any. */
   readonly readyPattern: SafePattern | null;
+  /** The first line that matched `ready`. */
   readyLine: string | null = null;
 
   private resolveDone!: () => void;
@@ -433,6 +444,7 @@ export class ShellProcess {
   private timers: ReturnType<typeof setTimeout>[] = []; // all cleared when the process ends
   private watchers: OutputWatchers | null;
 
+  /** Starts `command` through bash at once. */
   constructor(readonly command: string, options: ShellOptions) {
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     this.log = options.log ?? null;
@@ -464,6 +476,7 @@ export class ShellProcess {
     this.after(timeoutSec * 1000, () => this.kill("timeout"));
   }
 
+  /** The shell's pid (also its process group and session id). */
   get pid(): number | undefined {
     return this.child?.pid;
   }
@@ -489,12 +502,14 @@ export class ShellProcess {
     this.log?.remove();
   }
 
+  /** Every chunk goes to memory, the log, and the watchers. */
   private onOutput(chunk: Buffer): void {
     this.output?.push(chunk);
     this.log?.write(chunk);
     this.watchers?.outputArrived(chunk);
   }
 
+  /** The shell exited; its pipes may still be held. */
   private onShellExit(code: number | null, signal: string | null): void {
     this.exitCode = code;
     this.signal = signal;
@@ -523,6 +538,7 @@ export class ShellProcess {
     this.timers.push(timer);
   }
 
+  /** Runs once: the final state, timers cleared, what it left ended. */
   private finish(startError: string | null): void {
     if (this.status !== "running") return; // 'error' and 'close' may both arrive
     for (const timer of this.timers) clearTimeout(timer);
@@ -593,7 +609,7 @@ let knownUid: number | null = null;
  * This user's id. Deno's process.getuid() needs --allow-sys (and /proc needs --allow-all),
  * so there it is the owner of a folder the agent has just made.
  */
-export function currentUid(): number {
+function currentUid(): number {
   if (knownUid !== null) return knownUid;
   if (!isDeno) return (knownUid = process.getuid!());
   const probe = fs.mkdtempSync(path.join(os.tmpdir(), "s08-uid-"));
@@ -612,7 +628,7 @@ function allPids(): number[] {
 }
 
 /** Linux: every process in session `sid` but its leader. */
-export function sessionMembers(sid: number): number[] {
+function sessionMembers(sid: number): number[] {
   return allPids().filter((pid) => pid !== sid && procStat(pid)?.session === sid);
 }
 
@@ -646,11 +662,14 @@ export function endMarkedProcesses(runId: string): number {
  * Each run keeps `run-XXXXXX/` in it: `owner.json` (written once) and `logs/`.
  */
 export class StateFolder {
+  /** The user's state folder (or this run's private fallback). */
   readonly root: string;
+  /** This run's folder in it: owner.json and logs/. */
   readonly runDir: string;
   /** Set when the shared name could not be trusted; says why. */
   readonly fallbackReason: string | null = null;
 
+  /** Makes or checks the state folder under `tmpdir`, and this run's folder in it. */
   constructor(tmpdir = os.tmpdir()) {
     const uid = currentUid();
     const shared = path.join(tmpdir, `s08-agent-${uid}`);
@@ -712,9 +731,12 @@ function privateFolderProblem(dir: string, uid: number): string | null {
 }
 
 /** A record as written by writeOwner; anything else is null (and never trusted). */
-interface OwnerRecord {
+export interface OwnerRecord {
+  /** The agent: its pid and start time, which together name one process. */
   agent: { pid: number; startTime: number | null };
+  /** The mark its children carry (S08_AGENT_RUN). */
   runId: string;
+  /** Its logs outlive it (--keep-logs). */
   keepLogs: boolean;
 }
 
@@ -776,7 +798,7 @@ function writeNewFile(file: string, text: string): void {
 // ---------------------------------------------------------------------------
 
 /** Bytes of a task's output kept in memory: its start and its end. */
-export const OUTPUT_HEAD_BYTES = 25_000;
+const OUTPUT_HEAD_BYTES = 25_000;
 const OUTPUT_TAIL_BYTES = 25_000;
 
 /** Keeps the first and last bytes of a stream, counts what fell in between, and its lines. */
@@ -785,11 +807,15 @@ export class OutputBuffer {
   private headBytes = 0;
   private tail: Buffer[] = []; // the newest chunks, covering at least the last tailLimit bytes
   private tailBytes = 0;
+  /** Every byte printed. */
   totalBytes = 0;
+  /** Every newline printed. */
   totalLines = 0;
 
+  /** Keeps `headLimit` bytes of the start and `tailLimit` of the end. */
   constructor(private headLimit = OUTPUT_HEAD_BYTES, private tailLimit = OUTPUT_TAIL_BYTES) {}
 
+  /** Takes one chunk of output. */
   push(chunk: Buffer): void {
     this.totalBytes += chunk.length;
     this.totalLines += countNewlines(chunk);
@@ -854,12 +880,14 @@ export class OutputBuffer {
     return recent.slice(recent.lastIndexOf("\n") + 1);
   }
 
+  /** The newest kept bytes, as text. */
   private recent(maxBytes = 2048): string {
     const kept = this.tailBytes > 0 ? this.keptTail() : Buffer.concat(this.head);
     const bytes = kept.subarray(Math.max(0, kept.length - maxBytes));
     return decodeUtf8(bytes.subarray(skipCutCharacter(bytes)));
   }
 
+  /** The kept end of the output, in one buffer. */
   private keptTail(): Buffer {
     const tail = Buffer.concat(this.tail);
     return tail.subarray(Math.max(0, tail.length - this.tailLimit));
@@ -905,7 +933,7 @@ function skipCutCharacter(bytes: Uint8Array): number {
 /** The most one task's log file holds. */
 export const LOG_CAP_BYTES = 16 * 1024 * 1024;
 /** The most all logs of one run hold together; past it, the oldest finished logs go. */
-export const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
+const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
@@ -913,15 +941,22 @@ export const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
  * rolling tail ending with the newest output.
  */
 export class TaskLog {
-  bytesWritten = 0; // everything the task printed
+  /** Everything the task printed. */
+  bytesWritten = 0;
+  /** The file's size now. */
   fileBytes = 0;
+  /** What the cap dropped from the middle. */
   droppedBytes = 0;
+  /** No more writes. */
   closed = false;
+  /** The file is gone (only the newest logs are kept). */
   removed = false;
   private fd: number | null = null;
 
+  /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
 
+  /** Appends a chunk, rolling the tail past the cap. */
   write(chunk: Buffer): void {
     if (this.closed) return;
     this.bytesWritten += chunk.length;
@@ -1009,6 +1044,7 @@ export class LogFolder {
   private logs: TaskLog[] = [];
   private made = false;
 
+  /** Logs go in `dir` (made on the first one), each capped, all together capped. */
   constructor(
     readonly dir: string,
     readonly perTaskCap = LOG_CAP_BYTES,
@@ -1025,6 +1061,7 @@ export class LogFolder {
     return log;
   }
 
+  /** Creates the folder (0700) on the first log written. */
   makeDir(): void {
     if (!this.made) fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     this.made = true;
@@ -1109,7 +1146,7 @@ export function preview(text: string, maxChars = 500): string {
 }
 
 /** A command on one line: its first line, cut near `max` characters. */
-export function oneLine(text: string, max = 100): string {
+function oneLine(text: string, max = 100): string {
   const lines = text.trim().split("\n");
   const first = cutAtWord(lines[0], max);
   const cut = first.length < lines[0].length ? " …" : "";
@@ -1118,7 +1155,7 @@ export function oneLine(text: string, max = 100): string {
 }
 
 /** Lines that fit `width` columns, broken between words (a longer word is cut with "…"). */
-export function wrapText(text: string, width: number): string {
+function wrapText(text: string, width: number): string {
   if (width < 20) return text;
   return text.split("\n").map((line) => {
     const rows: string[] = [];
@@ -1155,7 +1192,7 @@ export function colorsFor(
  * One terminal stream: remembers whether the cursor is at the start of a line, cleans what it
  * prints (text from outside never reaches the terminal raw), fits lines to the width, spins.
  */
-export class Printer {
+class Printer {
   atLineStart = true;
   readonly color: ReturnType<typeof colorsFor>;
   private spinner: ReturnType<typeof setInterval> | null = null;
@@ -1240,12 +1277,12 @@ export class Printer {
 }
 
 /** The agent's two terminal streams; everything it prints goes through these. */
-export const terminal = { out: new Printer(process.stdout), err: new Printer(process.stderr) };
+const terminal = { out: new Printer(process.stdout), err: new Printer(process.stderr) };
 
 const warned = new Set<string>();
 
 /** Prints a warning on stderr once per cause, on a line of its own. */
-export function warnOnce(cause: string, text: string): void {
+function warnOnce(cause: string, text: string): void {
   if (warned.has(cause)) return;
   warned.add(cause);
   terminal.out.endLine();
@@ -1263,9 +1300,9 @@ export function warnOnce(cause: string, text: string): void {
 // ---------------------------------------------------------------------------
 
 /** Seconds without output before a task is reported quiet (background_run's default). */
-export const DEFAULT_QUIET_AFTER_SEC = 60;
+const DEFAULT_QUIET_AFTER_SEC = 60;
 /** The longest check_background wait. */
-export const MAX_WAIT_SEC = 600;
+const MAX_WAIT_SEC = 600;
 /** The newest finished tasks keep their output in memory and their log on disk. */
 export const KEEP_OUTPUT_OF_FINISHED = 64;
 /** A last line without a newline is tested against `ready` once output paused this long. */
@@ -1277,7 +1314,7 @@ const INPUT_PROMPT =
 /** The longest line a pattern is tested on across chunks; a longer line: its first part. */
 const MAX_SCANNED_LINE = 4096;
 /** One results block holds at most this many entries and characters; the rest is summed up. */
-export const RESULTS_MAX_ENTRIES = 20;
+const RESULTS_MAX_ENTRIES = 20;
 const RESULTS_MAX_CHARS = 8000;
 
 /**
@@ -1287,6 +1324,7 @@ const RESULTS_MAX_CHARS = 8000;
 export class SafePattern {
   private re: RE2JS;
 
+  /** Compiles `source`; a bad pattern is a ToolError that names `field`. */
   constructor(readonly source: string, field = "pattern") {
     try {
       this.re = RE2JS.compile(source, RE2JS.MULTILINE);
@@ -1300,6 +1338,7 @@ export class SafePattern {
     }
   }
 
+  /** Whether the pattern matches anywhere in `text`. */
   test(text: string): boolean {
     return this.re.matcher(text).find();
   }
@@ -1445,7 +1484,7 @@ class OutputWatchers {
 export type WatchOptions = Pick<ShellOptions, "timeoutSec" | "ready" | "quietAfterSec">;
 
 /** background_run's input as ShellOptions; every field is checked before anything starts. */
-export function watchOptionsFrom(input: Record<string, unknown>): WatchOptions {
+function watchOptionsFrom(input: Record<string, unknown>): WatchOptions {
   checkCommand(input.command as string);
   const quiet = (input.quiet_after as number | undefined) ?? DEFAULT_QUIET_AFTER_SEC;
   if (quiet < 0 || quiet > MAX_TIMER_SEC) {
@@ -1459,7 +1498,7 @@ export function watchOptionsFrom(input: Record<string, unknown>): WatchOptions {
 }
 
 /** Frees the output and log of finished tasks beyond the newest `keep` (a window per manager). */
-export class Retention {
+class Retention {
   private finishedTasks: BackgroundTask[] = [];
 
   finished(task: BackgroundTask, keep = KEEP_OUTPUT_OF_FINISHED): void {
@@ -1472,7 +1511,7 @@ export class Retention {
 const readPositions = new WeakMap<BackgroundTask, { bytes: number; lines: number }>();
 
 /** check_background with task_id or task_ids: check everything, wait, then show. */
-export async function checkTasks(input: Record<string, unknown>, context: ToolContext) {
+async function checkTasks(input: Record<string, unknown>, context: ToolContext) {
   if (input.task_id !== undefined && input.task_ids !== undefined) {
     throw new ToolError("give task_id or task_ids, not both");
   }
@@ -1547,7 +1586,7 @@ function newOutput(task: BackgroundTask): string {
 }
 
 /** check_background without ids: the task list, newest last, capped. */
-export function taskList(background: BackgroundManager, input: Record<string, unknown>): string {
+function taskList(background: BackgroundManager, input: Record<string, unknown>): string {
   if (input.wait !== undefined || input.tail !== undefined || input.filter !== undefined) {
     throw new ToolError("wait, tail and filter need a task_id");
   }
@@ -1562,7 +1601,7 @@ export function taskList(background: BackgroundManager, input: Record<string, un
 }
 
 /** kill_background: stop the task, wait for its end (briefly), and say how it ended. */
-export async function killTask(id: string, context: ToolContext): Promise<string> {
+async function killTask(id: string, context: ToolContext): Promise<string> {
   const { background } = context;
   const task = requireTask(background, id);
   if (!background.kill(task.id)) {
@@ -1577,7 +1616,7 @@ export async function killTask(id: string, context: ToolContext): Promise<string
 }
 
 /** The task with this id, or an error that lists the newest ten. */
-export function requireTask(background: BackgroundManager, id: unknown): BackgroundTask {
+function requireTask(background: BackgroundManager, id: unknown): BackgroundTask {
   const task = background.tasks.get(String(id));
   if (task) return task;
   const known = [...background.tasks.keys()].slice(-10).join(", ") || "none";
@@ -1608,7 +1647,7 @@ export async function waitForTasks(
 }
 
 /** The model has seen how this task ended: its queued end notification goes, if any. */
-export function markEndSeen(background: BackgroundManager, task: BackgroundTask): void {
+function markEndSeen(background: BackgroundManager, task: BackgroundTask): void {
   if (task.process.status === "running") return;
   const at = background.queue.findIndex((n) => n.taskId === task.id && n.kind === "ended");
   if (at !== -1) background.queue.splice(at, 1);
@@ -1625,7 +1664,7 @@ export async function stopAll(background: BackgroundManager): Promise<void> {
  * The lines of one results block: at most RESULTS_MAX_ENTRIES entries and RESULTS_MAX_CHARS
  * characters, the rest summed up per kind ("31 more tasks ended: 29 completed, 2 failed").
  */
-export function floodSafe(
+function floodSafe(
   notifications: Notification[],
   format: (notification: Notification) => string,
 ): string[] {
@@ -1660,31 +1699,31 @@ export function floodSafe(
 // How a process's state is said, everywhere: the model, the notices and /tasks share these.
 
 /** How long it has run, or ran, in seconds. */
-export function secondsOf(proc: ShellProcess): number {
+function secondsOf(proc: ShellProcess): number {
   return ((proc.endedAt ?? Date.now()) - proc.startedAt) / 1000;
 }
 
 /** "3.2s" */
-export function elapsed(proc: ShellProcess): string {
+function elapsed(proc: ShellProcess): string {
   return `${secondsOf(proc).toFixed(1)}s`;
 }
 
 /** "running 3.2s" or "completed (exit 0, 5.0s)": the one wording of a state. */
-export function stateText(proc: ShellProcess): string {
+function stateText(proc: ShellProcess): string {
   if (proc.status === "running") return `running ${elapsed(proc)}`;
   const how = proc.exitCode !== null ? `exit ${proc.exitCode}` : proc.signal ?? "no exit code";
   return `${proc.status} (${how}, ${elapsed(proc)})`;
 }
 
 /** A short view of how it ended: the error, or the kept output's start and end. */
-export function endPreview(proc: ShellProcess): string {
+function endPreview(proc: ShellProcess): string {
   if (proc.error !== null) return proc.error;
   if (proc.output === null) return "(output released)";
   return preview(cleanOutput(proc.output.text())) || "(no output)";
 }
 
 /** The end as the model hears it: state, output, a ready line never seen, the log file. */
-export function endReport(proc: ShellProcess): string {
+function endReport(proc: ShellProcess): string {
   let report = `${stateText(proc)}: ${endPreview(proc)}`;
   if (proc.readyPattern && proc.readyLine === null) {
     report += ` (it ended before any line matched ready /${proc.readyPattern.source}/)`;
@@ -1694,7 +1733,7 @@ export function endReport(proc: ShellProcess): string {
 }
 
 /** "1a2b3c4d  running 3.2s  npm test": one task on one line (width aligns a table). */
-export function taskLine(task: BackgroundTask, width = 0): string {
+function taskLine(task: BackgroundTask, width = 0): string {
   return `${task.id}  ${stateText(task.process).padEnd(width)}  ${oneLine(task.process.command)}`;
 }
 
@@ -1708,7 +1747,7 @@ export function taskLine(task: BackgroundTask, width = 0): string {
 
 const DEFAULT_BASH_TIMEOUT_SEC = 120;
 /** The longest timeout a command may ask for. */
-export const MAX_TIMEOUT_SEC = 3600;
+const MAX_TIMEOUT_SEC = 3600;
 const READ_LIMIT_BYTES = 50_000;
 const DEFAULT_READ_LINES = 2000;
 const EDIT_MAX_BYTES = 10_000_000;
@@ -1717,37 +1756,50 @@ export const TOOL_RESULT_MAX_CHARS = 60_000;
 /** check_background without an id lists the newest tasks only. */
 export const TASK_LIST_MAX = 50;
 /** The tutorial's blocklist. A teaching example only: it is not a sandbox (see the README). */
-export const BLOCKED_COMMAND_PARTS = ["rm -rf /", "sudo", "shutdown", "reboot", "> /dev/"];
+const BLOCKED_COMMAND_PARTS = ["rm -rf /", "sudo", "shutdown", "reboot", "> /dev/"];
 
 /** An error whose message is meant for the model, returned with is_error: true. */
 export class ToolError extends Error {}
 
 /** What a tool's handler may use: the workspace, the tasks, Ctrl-C, and who is watching. */
 export interface ToolContext {
+  /** The workspace. */
   workdir: string;
+  /** The background tasks. */
   background: BackgroundManager;
-  signal?: AbortSignal; // Ctrl-C: a blocking command or a wait stops
+  /** Ctrl-C: a blocking command or a wait stops. */
+  signal?: AbortSignal;
+  /** Who watches the turn. */
   events?: LoopEvents;
 }
 
-interface FieldSpec {
+/** One input field of a tool, as its JSON schema says. */
+export interface FieldSpec {
+  /** The JSON type. */
   type: "string" | "integer" | "number" | "array";
+  /** What the model reads about it. */
   description: string;
+  /** For an array: its items' type. */
   items?: { type: "string" };
+  /** The only values allowed. */
   enum?: string[];
 }
 
 /** A tool: the schema the model sees, and the handler the harness runs. */
 export interface ToolDefinition {
+  /** Its name, as the model calls it. */
   name: string;
+  /** What the model reads about it. */
   description: string;
+  /** The input's JSON schema. */
   input_schema: { type: "object"; properties: Record<string, FieldSpec>; required: string[] };
+  /** The handler: the input, checked against the schema; returns the result text. */
   run: (input: Record<string, unknown>, context: ToolContext) => string | Promise<string>;
 }
 
 const PATH_FIELD: FieldSpec = { type: "string", description: "Path relative to the workspace." };
 
-export const BASE_TOOLS: ToolDefinition[] = [
+const BASE_TOOLS: ToolDefinition[] = [
   {
     name: "bash",
     description: "Run a quick shell command in the workspace and wait for it. " +
@@ -2043,12 +2095,12 @@ function timeoutFrom(input: Record<string, unknown>, fallback: number): number {
 }
 
 /** The schemas as the Messages API wants them (without the handlers). */
-export function toolSchemas(tools = TOOLS): Anthropic.Tool[] {
+function toolSchemas(tools = TOOLS): ToolSchema[] {
   return tools.map(({ name, description, input_schema }) => ({ name, description, input_schema }));
 }
 
 /** Checks the input against the tool's schema: an object, required fields present, types right. */
-export function validateToolInput(tool: ToolDefinition, input: unknown): Record<string, unknown> {
+function validateToolInput(tool: ToolDefinition, input: unknown): Record<string, unknown> {
   if (typeof input !== "object" || input === null || Array.isArray(input)) {
     throw new ToolError(`${tool.name}: input must be a JSON object`);
   }
@@ -2086,7 +2138,9 @@ function fitsSpec(spec: FieldSpec, value: unknown): boolean {
 
 /** A tool's result before it becomes a tool_result block. */
 export interface ToolOutcome {
+  /** The result text. */
   content: string;
+  /** Sent back with is_error: true. */
   isError: boolean;
 }
 
@@ -2103,7 +2157,7 @@ export async function runTool(
   context: ToolContext,
   cutOff = false,
   tools = TOOLS,
-): Promise<Anthropic.ToolResultBlockParam> {
+): Promise<ToolResultBlockParam> {
   const events = context.events ?? {};
   let outcome: ToolOutcome;
   if (cutOff) outcome = { isError: true, content: CUT_OFF_TOOL_CALL };
@@ -2157,41 +2211,66 @@ function capToolResult(content: string): string {
 // ---------------------------------------------------------------------------
 
 /** The most tokens one reply may have. */
-export const MAX_OUTPUT_TOKENS = 8000;
+const MAX_OUTPUT_TOKENS = 8000;
+
+/** A message of the conversation, as the Messages API takes it (the SDK's type). */
+export type MessageParam = Anthropic.MessageParam;
+/** A text block (the SDK's type). */
+export type TextBlockParam = Anthropic.TextBlockParam;
+/** A tool call block (the SDK's type). */
+export type ToolUseBlockParam = Anthropic.ToolUseBlockParam;
+/** A tool result block (the SDK's type). */
+export type ToolResultBlockParam = Anthropic.ToolResultBlockParam;
+/** A tool's schema as the API takes it (the SDK's type). */
+export type ToolSchema = Anthropic.Tool;
 
 /** A reply block, as the history keeps it: text, or a tool call whose input is an object. */
-export type ReplyBlock = Anthropic.TextBlockParam | Anthropic.ToolUseBlockParam;
+export type ReplyBlock = TextBlockParam | ToolUseBlockParam;
 /** A tool call from the model. */
-export type ToolCall = Anthropic.ToolUseBlockParam;
+export type ToolCall = ToolUseBlockParam;
 
 /** A Messages API request, as the loop builds it (the model name comes from the model). */
 export interface ModelRequest {
-  system: string | Anthropic.TextBlockParam[];
-  messages: Anthropic.MessageParam[];
-  tools: Anthropic.Tool[];
+  /** The system prompt. */
+  system: string | TextBlockParam[];
+  /** The conversation. */
+  messages: MessageParam[];
+  /** The tools' schemas. */
+  tools: ToolSchema[];
+  /** The most tokens the reply may have. */
   max_tokens: number;
 }
 
 /** Token counts as the API reports them (cache figures when caching was used). */
 export interface Usage {
+  /** Input tokens billed in full. */
   input_tokens: number;
+  /** Tokens generated. */
   output_tokens: number;
+  /** Input tokens written to the cache. */
   cache_creation_input_tokens?: number | null;
+  /** Input tokens read from the cache. */
   cache_read_input_tokens?: number | null;
 }
 
 /** What a model answers. */
 export interface ModelReply {
+  /** Text and tool calls. */
   content: ReplyBlock[];
+  /** Why it stopped: end_turn, tool_use, max_tokens... */
   stop_reason: string | null;
+  /** What it cost. */
   usage: Usage;
 }
 
 /** How one call is made: cancellable, streamed, and with a word when it is retried. */
 export interface CallOptions {
-  signal?: AbortSignal; // aborts the call (Ctrl-C)
-  onText?: (delta: string) => void; // streamed text, as it is generated
-  onRetry?: (why: string) => void; // a failed or stalled call is retried: one line for the user
+  /** Aborts the call (Ctrl-C). */
+  signal?: AbortSignal;
+  /** Streamed text, as it is generated. */
+  onText?: (delta: string) => void;
+  /** A failed or stalled call is retried: one line for the user. */
+  onRetry?: (why: string) => void;
 }
 
 /**
@@ -2201,19 +2280,27 @@ export interface CallOptions {
  * const reply = await model.createMessage(request, {}); // { content: [{ type: "text", ... }] }
  */
 export interface Model {
+  /** Shown to the user. */
   name: string;
+  /** Answers one request. */
   createMessage(request: ModelRequest, options: CallOptions): Promise<ModelReply>;
 }
 
 /** What a turn needs: the model, the tasks, where tools run, who is watching, its limits. */
 export interface LoopOptions {
+  /** Who answers. */
   model: Model;
+  /** The background tasks. */
   background: BackgroundManager;
+  /** Where tools work. */
   workdir: string;
   /** One-shot mode: when the model ends its turn while tasks run, wait for them and go on. */
   waitForBackground?: boolean;
+  /** Ctrl-C: aborts the turn. */
   signal?: AbortSignal;
+  /** What a user interface sees. */
   events?: LoopEvents;
+  /** Counters to add to. */
   stats?: LoopStats;
   /** Model calls allowed on `stats`; one more throws MaxTurnsError. */
   maxTurns?: number;
@@ -2224,23 +2311,34 @@ export interface LoopOptions {
 /** What a user interface sees of a turn, as it happens. */
 export interface LoopEvents {
   /** Before each call, with the messages it sends (the last one is what is new). */
-  onModelCall?: (messages: Anthropic.MessageParam[]) => void;
+  onModelCall?: (messages: MessageParam[]) => void;
+  /** Streamed text. */
   onText?: (delta: string) => void;
+  /** A retried call, in one line. */
   onRetry?: (why: string) => void;
+  /** A whole reply. */
   onReply?: (reply: ModelReply) => void;
+  /** A tool call, before it runs. */
   onToolCall?: (name: string, input: unknown) => void;
+  /** Its result. */
   onToolResult?: (name: string, outcome: ToolOutcome) => void;
 }
 
 /** Counts over a session: calls, tokens by kind, and the context's size. */
 export interface LoopStats {
+  /** Model calls made. */
   modelCalls: number;
+  /** Input tokens billed in full. */
   inputTokens: number;
+  /** Output tokens. */
   outputTokens: number;
+  /** Input tokens written to the cache. */
   cacheCreationTokens: number;
+  /** Input tokens read from the cache. */
   cacheReadTokens: number;
   /** The context of the last call (input of every kind plus output), and the largest yet. */
   contextTokens: number;
+  /** The largest context yet. */
   maxContextTokens: number;
   /** The window learnt from a "prompt is too long" answer, if any. */
   learntWindow?: number;
@@ -2260,7 +2358,7 @@ export function newStats(): LoopStats {
 }
 
 /** Left in the history when the user stops a turn, so the model knows why it was cut short. */
-export const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
+const INTERRUPTED_NOTE = "[The user interrupted this turn.]";
 
 /** The user stopped the turn (Ctrl-C). */
 export class InterruptedError extends Error {
@@ -2271,6 +2369,7 @@ export class InterruptedError extends Error {
 
 /** The run reached its limit of model calls (--max-turns). */
 export class MaxTurnsError extends Error {
+  /** `maxTurns`: the limit that was reached. */
   constructor(readonly maxTurns: number) {
     super(`stopped after ${maxTurns} model calls (--max-turns)`);
   }
@@ -2278,20 +2377,21 @@ export class MaxTurnsError extends Error {
 
 /** An API failure, already put in one readable line (status and the API's own message). */
 export class ApiError extends Error {
+  /** The line to show, and the HTTP status if there was one. */
   constructor(message: string, readonly status?: number) {
     super(message);
   }
 }
 
 /** Schemas as the API wants them, built once: the same tools in every request. */
-let toolSchemasOnce: Anthropic.Tool[] | null = null;
+let toolSchemasOnce: ToolSchema[] | null = null;
 
 /**
  * One model call for the loop: the request with cache breakpoints (after clearing old tool
  * results if the context nears its window), a retry after "prompt is too long", usage summed.
  */
-export async function callModel(
-  history: Anthropic.MessageParam[],
+async function callModel(
+  history: MessageParam[],
   options: LoopOptions,
 ): Promise<ModelReply> {
   const { signal, events = {}, stats } = options;
@@ -2330,7 +2430,7 @@ export async function callModel(
  * breakpoints where the next call can read them back: after the system prompt, at the end of
  * the previous request (the user message before the last reply), and at the very end.
  */
-export function buildRequest(history: Anthropic.MessageParam[], workdir: string): ModelRequest {
+function buildRequest(history: MessageParam[], workdir: string): ModelRequest {
   const cache = { type: "ephemeral" as const };
   const messages = [...history];
   const lastAssistant = messages.map((m) => m.role).lastIndexOf("assistant");
@@ -2357,7 +2457,7 @@ export function buildRequest(history: Anthropic.MessageParam[], workdir: string)
 }
 
 /** A rough size of the history in tokens (4 characters a token), for when usage is unknown. */
-function estimateTokens(history: Anthropic.MessageParam[]): number {
+function estimateTokens(history: MessageParam[]): number {
   return Math.ceil(JSON.stringify(history).length / 4);
 }
 
@@ -2370,11 +2470,11 @@ const KEEP_RECENT_RESULTS = 3;
  * newest few and every <background-results> block (text, not a tool result) are kept.
  * Returns how many results it cleared.
  */
-export function clearOldToolResults(history: Anthropic.MessageParam[], tokens: number): number {
+function clearOldToolResults(history: MessageParam[], tokens: number): number {
   let freed = 0;
   let cleared = 0;
   const userMessages = history.filter((m) => m.role === "user");
-  const oldOnes = new Set<Anthropic.MessageParam>(userMessages.slice(0, -KEEP_RECENT_RESULTS));
+  const oldOnes = new Set<MessageParam>(userMessages.slice(0, -KEEP_RECENT_RESULTS));
   for (let i = 0; i < history.length && freed < tokens; i++) {
     const message = history[i];
     if (!oldOnes.has(message) || typeof message.content === "string") continue;
@@ -2397,7 +2497,7 @@ export function clearOldToolResults(history: Anthropic.MessageParam[], tokens: n
 
 const CLEARED_MARK = "[cleared:";
 
-function toolCallBefore(history: Anthropic.MessageParam[], index: number, id: string) {
+function toolCallBefore(history: MessageParam[], index: number, id: string) {
   const previous = history[index - 1];
   if (previous?.role !== "assistant" || typeof previous.content === "string") return null;
   return previous.content.find((b): b is ToolCall => b.type === "tool_use" && b.id === id) ?? null;
@@ -2431,7 +2531,7 @@ const PRICES: Record<string, { input: number; output: number }> = {
 };
 
 /** The cost of a session in dollars, or null for a model not in the price table. */
-export function estimateCost(model: string, stats: LoopStats): number | null {
+function estimateCost(model: string, stats: LoopStats): number | null {
   const price = PRICES[model];
   if (!price) return null;
   const input = stats.inputTokens + stats.cacheCreationTokens * 1.25 + stats.cacheReadTokens * 0.1;
@@ -2439,7 +2539,7 @@ export function estimateCost(model: string, stats: LoopStats): number | null {
 }
 
 /** "12,345 in, 2,100 out, cache: 40,000 read, 3,000 written; about $0.05" */
-export function usageLine(model: string, stats: LoopStats): string {
+function usageLine(model: string, stats: LoopStats): string {
   const n = (value: number) => value.toLocaleString("en-US");
   const cost = estimateCost(model, stats);
   return `${stats.modelCalls} model calls; tokens: ${n(stats.inputTokens)} in, ` +
@@ -2458,7 +2558,7 @@ function toHistoryBlock(block: ReplyBlock): ReplyBlock {
 }
 
 /** Waits for the promise; an abort ends the wait at once with InterruptedError. */
-export async function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
+async function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
   if (signal?.aborted) throw new InterruptedError();
   let onAbort = () => {};
   const aborted = new Promise<void>((resolve) => (onAbort = resolve));
@@ -2480,7 +2580,7 @@ let sdk: Promise<Sdk> | null = null;
  * not wait for it). Under Node it takes the SDK's CommonJS build through require(): tsx
  * compiles the ESM build's ~390 files one by one, which costs about a second more.
  */
-export function loadSdk(): Promise<Sdk> {
+function loadSdk(): Promise<Sdk> {
   sdk ??= isDeno ? import("@anthropic-ai/sdk") : Promise.resolve().then(() => {
     const required = createRequire(import.meta.url)("@anthropic-ai/sdk");
     return (required.default ? required : { default: required }) as Sdk;
@@ -2489,9 +2589,9 @@ export function loadSdk(): Promise<Sdk> {
 }
 
 /** How many times a failed call (dropped, stalled, overloaded, rate-limited) is tried again. */
-export const API_RETRIES = 3;
+const API_RETRIES = 3;
 /** The longest retry-after the agent waits out; an API asking for longer fails the call. */
-export const MAX_RETRY_AFTER_SEC = 60;
+const MAX_RETRY_AFTER_SEC = 60;
 
 /** The real model, streaming through the SDK, with one retry policy for every failure. */
 export function anthropicModel(config: Config): Model {
@@ -2639,13 +2739,17 @@ export function scriptedReply(
  * is a list of steps, one per call, or one function that answers every call.
  */
 export class ScriptedModel implements Model {
+  /** Shown as the model's name. */
   name = "scripted";
+  /** Every request, as it was when it came. */
   readonly requests: ModelRequest[] = [];
+  /** A script: one step per call, or one function for every call. */
   constructor(
     private script: ScriptStep[] | ScriptFunction,
     private options: { recordRequests?: boolean; thinkMs?: number } = {},
   ) {}
 
+  /** Plays the next step of the script. */
   async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
     if (this.options.recordRequests !== false) this.requests.push(structuredClone(request));
     if (this.options.thinkMs) await interruptibleSleep(this.options.thinkMs, signal);
@@ -2702,13 +2806,13 @@ export function demoModel(thinkMs = 400): Model {
   return model;
 }
 
-function textsOf(message: Anthropic.MessageParam): string[] {
+function textsOf(message: MessageParam): string[] {
   if (typeof message.content === "string") return [message.content];
   return message.content.flatMap((b) => (b.type === "text" ? [b.text] : []));
 }
 
 /** The user's newest words in a message, leaving out what the harness added. */
-function latestUserWords(message: Anthropic.MessageParam): string {
+function latestUserWords(message: MessageParam): string {
   const own = textsOf(message).filter((t) =>
     !t.startsWith("<background-results>") && t !== INTERRUPTED_NOTE
   );
@@ -2859,13 +2963,14 @@ function unquote(text: string): string {
 // ---------------------------------------------------------------------------
 
 /** The agent's version, as scripts see it in the stream's init event. */
-export const VERSION = "1.1.0";
+const VERSION = "1.1.0";
 
 /** Exit codes: 0 done, 1 error, 2 usage, 3 --max-turns reached, 128+n a signal. */
-export const EXIT_MAX_TURNS = 3;
+const EXIT_MAX_TURNS = 3;
 /** The most stdin a one-shot run takes as its prompt. */
-export const MAX_STDIN_BYTES = 10 * 1024 * 1024;
+const MAX_STDIN_BYTES = 10 * 1024 * 1024;
 
+/** What --help prints. */
 export const HELP = `agent.ts ${VERSION}: a coding agent that runs slow commands in the background
 
 Usage:
@@ -2893,17 +2998,29 @@ REPL commands: /tasks, /kill <id prefix>, /cost, /help, exit or q (Ctrl-D) to qu
 
 /** The command line, parsed. */
 export interface CliOptions {
+  /** One-shot mode. */
   print: boolean;
+  /** The prompt argument. */
   prompt: string | null;
+  /** How the run is reported on stdout. */
   outputFormat: "text" | "json" | "stream-json";
+  /** How stdin is read. */
   inputFormat: "text" | "stream-json";
+  /** --model. */
   model: string | null;
+  /** --max-turns. */
   maxTurns: number | null;
+  /** --demo. */
   demo: boolean;
+  /** --no-demo. */
   noDemo: boolean;
+  /** --keep-demo. */
   keepDemo: boolean;
+  /** Not --no-wake. */
   wake: boolean;
+  /** --keep-logs. */
   keepLogs: boolean;
+  /** --help. */
   help: boolean;
 }
 
@@ -3043,10 +3160,15 @@ export function readConfig(
 
 /** What one session runs with. */
 export interface Config {
+  /** Where the agent works. */
   workdir: string;
+  /** The model's name. */
   model: string;
+  /** ANTHROPIC_API_KEY. */
   apiKey: string | null;
+  /** ANTHROPIC_AUTH_TOKEN. */
   authToken: string | null;
+  /** ANTHROPIC_BASE_URL. */
   baseURL: string | null;
   /** A model stream that sends no event for this long is aborted and retried. */
   streamIdleSec: number;
@@ -3060,7 +3182,7 @@ export function promptText(running: number): string {
 }
 
 /** "[bg:1a2b3c4d] completed (exit 0, 5.0s) sleep 5 && echo done": a live notice. */
-export function formatNotice(notification: Notification, task: BackgroundTask): string {
+function formatNotice(notification: Notification, task: BackgroundTask): string {
   const what = notification.kind === "ended"
     ? `${stateText(task.process)} ${oneLine(task.process.command, 80)}`
     : cutAtWord(notification.text, 160);
@@ -3077,10 +3199,13 @@ export function findTask(background: BackgroundManager, prefix: string): Backgro
 
 /** What the slash commands read and change. */
 export interface SlashContext {
+  /** The background tasks. */
   background: BackgroundManager;
   /** Tasks the user stopped with /kill: their end does not wake the model. */
   killedByUser: Set<string>;
+  /** The model (for /cost's prices). */
   config: { model: string };
+  /** The session's counters. */
   stats: LoopStats;
 }
 
@@ -3117,7 +3242,7 @@ export function runSlashCommand(line: string, session: SlashContext): string {
 }
 
 /** Up to `maxLines` lines of a result, each cut between words, then "(+N more lines)". */
-export function previewLines(text: string, width: number, maxLines = 4): string[] {
+function previewLines(text: string, width: number, maxLines = 4): string[] {
   const lines = text.trim().split("\n");
   const shown = lines.slice(0, maxLines).map((line) => {
     const cut = cutAtWord(line, width);
@@ -3165,7 +3290,7 @@ interface Session {
   config: Config;
   model: Model;
   background: BackgroundManager;
-  history: Anthropic.MessageParam[];
+  history: MessageParam[];
   stats: LoopStats;
   out: Printer;
   err: Printer;
