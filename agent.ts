@@ -1998,61 +1998,74 @@ function openRegularFile(file: string, flags: number, shown: string): number {
  */
 function readLines(file: string, shown: string, offset: number, limit: number): string {
   const fd = openRegularFile(file, fs.constants.O_RDONLY, shown);
-  const chunk = Buffer.alloc(64 * 1024);
-  const kept: Buffer[] = [];
-  let current: Buffer[] = []; // the line being read, once at `offset`
-  let keptBytes = 0, currentBytes = 0, line = 1, linesKept = 0, lastByte = 10;
-  let more = false, cutLine = false;
+  let window: LineWindow;
   try {
-    reading: for (let n; (n = fs.readSync(fd, chunk, 0, chunk.length, null)) > 0;) {
-      lastByte = chunk[n - 1];
-      for (let start = 0; start < n;) {
-        const newline = chunk.subarray(start, n).indexOf(10);
-        const end = newline === -1 ? n : start + newline + 1;
-        if (line >= offset) {
-          if (linesKept === limit) {
-            more = true;
-            break reading;
-          }
-          current.push(Buffer.from(chunk.subarray(start, end)));
-          currentBytes += end - start;
-          if (keptBytes + currentBytes > READ_LIMIT_BYTES) { // the window is full
-            if (linesKept === 0) { // one line longer than the cap (minified code): cut it
-              const start = Buffer.concat(current).subarray(0, READ_LIMIT_BYTES);
-              kept.push(start.subarray(0, completeUtf8(start)));
-              cutLine = true;
-            }
-            more = true;
-            break reading;
-          }
-          if (newline !== -1) {
-            kept.push(...current);
-            keptBytes += currentBytes;
-            current = [];
-            currentBytes = 0;
-            linesKept++;
-          }
-        }
-        if (newline !== -1) line++;
-        start = end;
-      }
-    }
+    window = readWindow(fd, offset, limit);
   } finally {
     fs.closeSync(fd);
   }
-  if (!more && currentBytes > 0) { // a last line without a newline
-    kept.push(...current);
-    linesKept++;
-  }
+  const { kept, linesKept, linesSeen, more, cutLine } = window;
   if (!more && linesKept === 0 && offset > 1) {
-    const lines = line - 1 + (lastByte === 10 ? 0 : 1);
-    throw new ToolError(`offset ${offset} is past the end of ${shown} (${lines} lines)`);
+    throw new ToolError(`offset ${offset} is past the end of ${shown} (${linesSeen} lines)`);
   }
   let text = decodeUtf8(Buffer.concat(kept)).replace(/\n$/, "");
   if (cutLine) text += ` ... (line ${offset} cut at ${READ_LIMIT_BYTES} bytes)`;
   const next = offset + Math.max(linesKept, 1);
   if (more) text += `\n... (more lines: read_file with offset=${next})`;
   return text;
+}
+
+/** The lines a read returns, and whether there is more after them. */
+interface LineWindow {
+  kept: Buffer[];
+  linesKept: number;
+  linesSeen: number;
+  more: boolean;
+  cutLine: boolean; // a single line longer than the window, cut
+}
+
+/** Reads 64 KB at a time, keeping whole lines from `offset` until the window is full. */
+function readWindow(fd: number, offset: number, limit: number): LineWindow {
+  const chunk = Buffer.alloc(64 * 1024);
+  const window: LineWindow = { kept: [], linesKept: 0, linesSeen: 0, more: false, cutLine: false };
+  let current: Buffer[] = []; // the line being read, once at `offset`
+  let keptBytes = 0, currentBytes = 0, line = 1, lastByte = 10;
+  reading: for (let n; (n = fs.readSync(fd, chunk, 0, chunk.length, null)) > 0;) {
+    lastByte = chunk[n - 1];
+    for (let start = 0; start < n;) {
+      const newline = chunk.subarray(start, n).indexOf(10);
+      const end = newline === -1 ? n : start + newline + 1;
+      if (line >= offset) {
+        window.more = window.linesKept === limit;
+        if (window.more) break reading;
+        current.push(Buffer.from(chunk.subarray(start, end)));
+        currentBytes += end - start;
+        window.more = keptBytes + currentBytes > READ_LIMIT_BYTES; // the window is full
+        if (window.more) {
+          if (window.linesKept === 0) { // one line longer than the cap (minified code): cut it
+            const start = Buffer.concat(current).subarray(0, READ_LIMIT_BYTES);
+            window.kept.push(start.subarray(0, completeUtf8(start)));
+            window.cutLine = true;
+          }
+          break reading;
+        }
+        if (newline !== -1) {
+          window.kept.push(...current);
+          keptBytes += currentBytes;
+          [current, currentBytes] = [[], 0];
+          window.linesKept++;
+        }
+      }
+      if (newline !== -1) line++;
+      start = end;
+    }
+  }
+  if (!window.more && currentBytes > 0) { // a last line without a newline
+    window.kept.push(...current);
+    window.linesKept++;
+  }
+  window.linesSeen = line - 1 + (lastByte === 10 ? 0 : 1);
+  return window;
 }
 
 /** A text file read whole for editing: refused if large or not UTF-8, so nothing is mangled. */
@@ -2824,12 +2837,6 @@ function demoReply(request: ModelRequest): ModelReply {
   const results = textsOf(last).filter((t) => t.startsWith("<background-results>"))
     .flatMap((t) => t.split("\n").filter((l) => l.startsWith("[bg:")));
   const userText = latestUserWords(last);
-  const previous = request.messages.at(-2);
-  const called = previous?.role === "assistant" && Array.isArray(previous.content)
-    ? previous.content.flatMap((b) => (b.type === "tool_use" ? [b] : []))
-    : [];
-  const answeredTools = Array.isArray(last.content) &&
-    last.content.some((b) => b.type === "tool_result");
   if (userText) {
     const answer = demoAnswerTo(userText);
     if (results.length === 0) return answer;
@@ -2839,27 +2846,41 @@ function demoReply(request: ModelRequest): ModelReply {
     };
     return { ...answer, content: [seen, ...answer.content] };
   }
+  if (results.length > 0) return demoReplyToResults(results);
+  const answeredTools = Array.isArray(last.content) &&
+    last.content.some((b) => b.type === "tool_result");
+  return answeredTools ? demoReplyAfterTools(request) : scriptedReply("Nothing new.");
+}
+
+/** A server that became ready is stopped (it is a demo); other results are summed up. */
+function demoReplyToResults(results: string[]): ModelReply {
   const ready = results.find((l) => / ready \(/.test(l));
-  if (ready) {
-    const id = ready.slice(4, 12);
-    return scriptedReply(
-      `The dev server is ready: ${
-        ready.slice(ready.indexOf(": ") + 2)
-      }. This is only a demo, so I'll stop it.`,
-      { tool: "kill_background", input: { task_id: id } },
-    );
-  }
-  if (results.length > 0) {
+  if (!ready) {
     return scriptedReply(`Background results arrived:\n${results.map((l) => `- ${l}`).join("\n")}`);
   }
+  const id = ready.slice(4, 12);
+  return scriptedReply(
+    `The dev server is ready: ${
+      ready.slice(ready.indexOf(": ") + 2)
+    }. This is only a demo, so I'll stop it.`,
+    { tool: "kill_background", input: { task_id: id } },
+  );
+}
+
+/** After the tools ran: check three new tasks, say what was started, or say it is done. */
+function demoReplyAfterTools(request: ModelRequest): ModelReply {
+  const previous = request.messages.at(-2);
+  const called = previous?.role === "assistant" && Array.isArray(previous.content)
+    ? previous.content.flatMap((b) => (b.type === "tool_use" ? [b] : []))
+    : [];
   const names = called.map((b) => b.name);
-  if (answeredTools && names.length === 3 && names.every((n) => n === "background_run")) {
+  if (names.length === 3 && names.every((n) => n === "background_run")) {
     return scriptedReply("All three are running. Checking their status:", {
       tool: "check_background",
       input: {},
     });
   }
-  if (answeredTools && names.includes("background_run")) {
+  if (names.includes("background_run")) {
     const waitsForReady = called.some((b) => (b.input as { ready?: string }).ready);
     return scriptedReply(
       waitsForReady
@@ -2867,8 +2888,7 @@ function demoReply(request: ModelRequest): ModelReply {
         : "Started. I'll keep working and report when the background work finishes.",
     );
   }
-  if (answeredTools) return scriptedReply(`Done.${stillRunningNote(request)}`);
-  return scriptedReply("Nothing new.");
+  return scriptedReply(`Done.${stillRunningNote(request)}`);
 }
 
 /** What the conversation says is still running: started tasks minus those reported ended. */
@@ -2923,6 +2943,11 @@ function demoAnswerTo(prompt: string): ModelReply {
       { tool: "bash", input: { command: "ls -la" } },
     );
   }
+  return demoRunCommand(prompt);
+}
+
+/** "run X in the background", "run X", or the list of what the demo model understands. */
+function demoRunCommand(prompt: string): ModelReply {
   const background = prompt.match(/^run (.+) in the background$/i);
   if (background) {
     const command = unquote(background[1]);
@@ -2932,13 +2957,11 @@ function demoAnswerTo(prompt: string): ModelReply {
     });
   }
   const blocking = prompt.match(/^run (.+)$/i);
-  if (blocking) {
-    return scriptedReply("Running it now.", {
-      tool: "bash",
-      input: { command: unquote(blocking[1]) },
-    });
-  }
-  return scriptedReply(DEMO_HELP);
+  if (!blocking) return scriptedReply(DEMO_HELP);
+  return scriptedReply("Running it now.", {
+    tool: "bash",
+    input: { command: unquote(blocking[1]) },
+  });
 }
 
 const DEMO_HELP = "I am the offline demo's scripted model: I only understand a few prompts.\n" +
@@ -3024,28 +3047,27 @@ export interface CliOptions {
   help: boolean;
 }
 
+/** The options parseArgs knows, with their types. */
+const CLI_OPTIONS = {
+  print: { type: "boolean", short: "p" },
+  json: { type: "boolean" },
+  "output-format": { type: "string" },
+  "input-format": { type: "string" },
+  model: { type: "string" },
+  "max-turns": { type: "string" },
+  demo: { type: "boolean" },
+  "no-demo": { type: "boolean" },
+  "keep-demo": { type: "boolean" },
+  "no-wake": { type: "boolean" },
+  "keep-logs": { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
 /** The command line, parsed by node:util's parseArgs (both runtimes have it). */
 export function parseArgs(args: string[]): CliOptions {
   let parsed;
   try {
-    parsed = util.parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        print: { type: "boolean", short: "p" },
-        json: { type: "boolean" },
-        "output-format": { type: "string" },
-        "input-format": { type: "string" },
-        model: { type: "string" },
-        "max-turns": { type: "string" },
-        demo: { type: "boolean" },
-        "no-demo": { type: "boolean" },
-        "keep-demo": { type: "boolean" },
-        "no-wake": { type: "boolean" },
-        "keep-logs": { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
+    parsed = util.parseArgs({ args, allowPositionals: true, options: CLI_OPTIONS });
   } catch (err) {
     const message = (err as Error).message.split(". ")[0].replace(/'/g, "");
     throw new Error(`${message.charAt(0).toLowerCase()}${message.slice(1)} (see --help)`);
@@ -3080,6 +3102,12 @@ export function parseArgs(args: string[]): CliOptions {
     keepLogs: values["keep-logs"] ?? false,
     help: values.help ?? false,
   };
+  checkFormats(options);
+  return options;
+}
+
+/** The formats that go together: JSON out needs a one-shot run, JSON in needs JSON out. */
+function checkFormats(options: CliOptions): void {
   if (options.inputFormat === "stream-json") {
     if (options.outputFormat !== "stream-json" || options.prompt !== null) {
       throw new Error(
@@ -3090,7 +3118,6 @@ export function parseArgs(args: string[]): CliOptions {
   } else if (options.outputFormat !== "text" && !options.print) {
     throw new Error(`--output-format ${options.outputFormat} needs -p (a one-shot run)`);
   }
-  return options;
 }
 
 /** The keys a repository's .env may set, and which of them it may not set alone. */
@@ -3924,43 +3951,12 @@ async function playDemo(session: Session): Promise<boolean> {
   const skip = new AbortController();
   session.onInterrupt = () => skip.abort();
   const stopReading = readKeysDuringDemo(() => skip.abort());
-  out.line(
-    "[offline demo] a scripted model (not Claude) drives the real loop, real processes " +
-      "and real notifications.",
-    "yellow",
-  );
-  out.line(
-    `[offline demo] workspace: ${session.config.workdir}   (Ctrl-C skips to the REPL)`,
-    "dim",
-  );
-  out.line(
-    "[offline demo] [bg:…] lines are the harness's live notices; the model hears the " +
-      "same news in a <background-results> block, shown once below as it is sent.",
-    "dim",
-  );
+  showDemoBanner(session);
   session.onNotice = (n, task) => {
     out.endLine();
     err.line(formatNotice(n, task), "dim");
   };
-  let blockShown = false;
-  const events: LoopEvents = {
-    ...loopEventsFor(session),
-    onModelCall: (messages) => {
-      const last = messages?.at(-1);
-      const block = last && typeof last.content !== "string"
-        ? last.content.find((b) => b.type === "text" && b.text.startsWith("<background-results>"))
-        : undefined;
-      if (block && block.type === "text" && !blockShown) {
-        blockShown = true;
-        out.line(
-          "[offline demo] what the model receives, as user text before this call:",
-          "yellow",
-        );
-        out.line(block.text, "dim");
-      }
-      loopEventsFor(session).onModelCall!(messages);
-    },
-  };
+  const events = demoEvents(session);
   try {
     for (const prompt of DEMO_PROMPTS) {
       out.line("");
@@ -3987,6 +3983,47 @@ async function playDemo(session: Session): Promise<boolean> {
   out.line("");
   out.line("[offline demo] done. Type a prompt for the scripted model, /help, or exit.", "dim");
   return skip.signal.aborted;
+}
+
+/** What the demo is, where it works, and which lines are the harness's. */
+function showDemoBanner(session: Session): void {
+  const { out } = session;
+  out.line(
+    "[offline demo] a scripted model (not Claude) drives the real loop, real processes " +
+      "and real notifications.",
+    "yellow",
+  );
+  out.line(
+    `[offline demo] workspace: ${session.config.workdir}   (Ctrl-C skips to the REPL)`,
+    "dim",
+  );
+  out.line(
+    "[offline demo] [bg:…] lines are the harness's live notices; the model hears the " +
+      "same news in a <background-results> block, shown once below as it is sent.",
+    "dim",
+  );
+}
+
+/** The REPL's events, plus: the first <background-results> block, shown as it is sent. */
+function demoEvents(session: Session): LoopEvents {
+  const events = loopEventsFor(session);
+  let blockShown = false;
+  return {
+    ...events,
+    onModelCall: (messages) => {
+      const last = messages.at(-1)!;
+      const block = typeof last.content === "string"
+        ? undefined
+        : last.content.find((b) => b.type === "text" && b.text.startsWith("<background-results>"));
+      if (block?.type === "text" && !blockShown) {
+        blockShown = true;
+        const label = "[offline demo] what the model receives, as user text before this call:";
+        session.out.line(label, "yellow");
+        session.out.line(block.text, "dim");
+      }
+      events.onModelCall!(messages);
+    },
+  };
 }
 
 /**
