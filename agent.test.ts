@@ -67,7 +67,7 @@ import {
 
 /** Every test has a timeout: a hang fails that one test instead of stalling the suite. */
 const TEST_TIMEOUT_MS = 60_000;
-type TestBody = () => unknown;
+type TestBody = () => void | Promise<void>;
 function test(
   name: string,
   first: TestBody | { skip?: unknown; timeout?: number },
@@ -222,18 +222,20 @@ function messagesProblem(messages: Anthropic.MessageParam[]): string | null {
 function cachePrefixes(body: Record<string, unknown>): string[] {
   const prefixes: string[] = [];
   const parts: unknown[] = [body.tools];
+  // The cache key is the content; where the breakpoints sit is not part of it.
+  const content = (block: unknown) => ({ ...(block as object), cache_control: undefined });
   const mark = (block: { cache_control?: unknown }) => {
     if (block.cache_control) prefixes.push(JSON.stringify(parts));
   };
   const system = body.system;
   for (const block of Array.isArray(system) ? system : [{ type: "text", text: system }]) {
-    parts.push(block);
+    parts.push(content(block));
     mark(block);
   }
   for (const message of body.messages as Anthropic.MessageParam[]) {
     const blocks = typeof message.content === "string" ? [message.content] : message.content;
     for (const block of blocks) {
-      parts.push([message.role, block]);
+      parts.push([message.role, typeof block === "string" ? block : content(block)]);
       if (typeof block !== "string") mark(block as { cache_control?: unknown });
     }
   }

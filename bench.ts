@@ -1,9 +1,11 @@
 // bench.ts: what agent.ts costs, each figure next to a floor measured in the same run.
-//   npm run bench [-- --quick]      (Node, through tsx)
-//   deno task bench [--quick]       (Deno)
-// A figure is a median over interleaved rounds (min and max shown). The floor is the least any
-// implementation could pay for the same work on this runtime (a bare spawn(), a plain script);
-// these machines are shared and noisy, so targets are ratios to the floor wherever one exists.
+//   npm run bench [-- --quick] [--check] [--only=1,4]      (Node)
+//   deno task bench [--quick] [--check] [--only=1,4]       (Deno)
+// A figure is a median over interleaved rounds (min and max shown). A floor is what the bare
+// mechanism costs for the same work on this runtime (a bare spawn(), a plain script); a row
+// marked "reference" compares with something that is not a floor. The agent runs as the command
+// line ships it: task logs on, every child marked with the run's id. Targets are ratios to the
+// floor where one exists; --check exits 1 when a target is missed by more than its noise margin.
 import { spawn, type SpawnOptionsWithStdioTuple, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as http from "node:http";
@@ -16,12 +18,29 @@ import {
   BackgroundManager,
   LOG_CAP_BYTES,
   LogFolder,
+  type ManagerOptions,
+  type ModelRequest,
+  newStats,
   runTool,
+  SafePattern,
   ScriptedModel,
   scriptedReply,
+  type ToolContext,
 } from "./agent.ts";
 
+const HELP = `bench.ts: what agent.ts costs, against floors measured in the same run.
+Options:
+  --quick     fewer rounds and smaller sizes (about a minute; CI runs this)
+  --check     exit 1 when a target is missed by more than its noise margin
+  --only=N,M  only these figures
+  --help      this text
+Figures:
+  1 parallel sleeps   2 start latency   3 notification latency   4 throughput (tasks/s)
+  5 memory and the log   6 loop overhead   7 start-up   8 streaming memory (slope)
+  9 watching: log, ready scan, ready latency, tail and filter   10 long sessions: caching,
+  context`;
 const quick = process.argv.includes("--quick");
+const check = process.argv.includes("--check");
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 const runtime = isDeno ? "deno" : "node (tsx)";
 const repoDir = path.dirname(new URL(import.meta.url).pathname);
@@ -50,6 +69,8 @@ interface Row {
   floor?: { label: string; value: Stats };
   target: string;
   met: boolean;
+  /** Missed by more than the noise margin: --check fails on it. */
+  missedClearly?: boolean;
 }
 const rows: Row[] = [];
 
@@ -69,14 +90,25 @@ function compare(
   // An infinite limit: the floor is shown for scale and the target is absolute.
   const targets = limit === Infinity ? [] : [`median <= ${limit}x floor (${ratio.toFixed(2)}x)`];
   if (absolute) targets.push(`${absolute.at} < ${absolute.below} ${unit}`);
+  const absoluteMet = (factor: number) => !absolute || value[absolute.at] < absolute.below * factor;
   rows.push({
     figure,
     unit,
     value,
     floor: { label, value: reference },
     target: targets.join(", "),
-    met: ratio <= limit && (!absolute || value[absolute.at] < absolute.below),
+    met: ratio <= limit && absoluteMet(1),
+    missedClearly: ratio > limit * NOISE_MARGIN || !absoluteMet(NOISE_MARGIN),
   });
+}
+
+/** How far past a target a figure may land before --check calls it a miss: noise here. */
+const NOISE_MARGIN = 1.25;
+
+/** A manager as the command line ships it: task logs on (the run marks its children anyway). */
+function shippedManager(options: ManagerOptions = {}): BackgroundManager {
+  const logs = new LogFolder(fs.mkdtempSync(path.join(workdir, "logs-")));
+  return new BackgroundManager(workdir, { logs, ...options });
 }
 
 /** Runs two measurements in alternating order, so drift on a shared machine hits both alike. */
@@ -132,7 +164,7 @@ async function throughManager(bg: BackgroundManager, commands: string[], limit =
   let seen = 0;
   await withLimit(commands, limit, async (command) => {
     const id = bg.run(command);
-    await bg.get(id)!.ended;
+    await bg.tasks.get(id)!.ended;
     seen += bg.drain().length;
   });
   return seen;
@@ -140,7 +172,7 @@ async function throughManager(bg: BackgroundManager, commands: string[], limit =
 
 // 1. Parallel sleeps -----------------------------------------------------------------------
 async function parallelSleeps(): Promise<void> {
-  const bg = new BackgroundManager(workdir);
+  const bg = shippedManager();
   for (const count of quick ? [8] : [8, 32]) {
     const sleeps = Array(count).fill("sleep 1");
     const [ours, floor] = await interleaved(
@@ -169,7 +201,7 @@ async function parallelSleeps(): Promise<void> {
 
 // 2. Start latency ---------------------------------------------------------------------------
 async function startLatency(): Promise<void> {
-  const bg = new BackgroundManager(workdir, { maxRunning: 64 });
+  const bg = shippedManager({ maxRunning: 64 });
   const returns: number[] = [],
     running: number[] = [],
     bareReturns: number[] = [],
@@ -180,7 +212,7 @@ async function startLatency(): Promise<void> {
     let t0 = wallMs();
     const id = bg.run(command);
     returns.push(wallMs() - t0);
-    await bg.get(id)!.ended;
+    await bg.tasks.get(id)!.ended;
     bg.drain();
     running.push(Number(fs.readFileSync(marker, "utf8")) * 1000 - t0);
     t0 = wallMs();
@@ -209,7 +241,7 @@ async function startLatency(): Promise<void> {
 
 // 3. Notification latency ----------------------------------------------------------------------
 async function notificationLatency(): Promise<void> {
-  const bg = new BackgroundManager(workdir, { maxRunning: 64 });
+  const bg = shippedManager({ maxRunning: 64 });
   const queued: number[] = [], closed: number[] = [];
   for (let i = 0; i < (quick ? 10 : 50); i++) {
     const marker = path.join(workdir, `ended-${i}`);
@@ -268,7 +300,7 @@ async function throughput(): Promise<void> {
   const [ours, floor] = await interleaved(
     quick ? 3 : 10,
     async () => {
-      const bg = new BackgroundManager(workdir, { keepOutputOf: 16 });
+      const bg = shippedManager({ keepOutputOf: 16 });
       const t0 = wallMs();
       const seen = await throughManager(bg, commands);
       exactlyOnce &&= seen === total && bg.drain().length === 0;
@@ -315,17 +347,20 @@ async function probe(kind: string, arg: string): Promise<void> {
       result.logBytes = Math.max(
         ...fs.readdirSync(logs.dir).map((f) => fs.statSync(path.join(logs.dir, f)).size),
       );
-      logs.removeAll();
     }
     result.seconds = (wallMs() - t0) / 1000;
   } else if (kind === "stream" || kind === "stream-bare") {
     const [seconds, ...marks] = arg.split(",").map(Number);
     const logs = new LogFolder(path.join(workdir, `stream-${process.pid}`));
     const bg = new BackgroundManager(workdir, { logs });
-    const children: Promise<number>[] = [];
+    const children: ReturnType<typeof spawn>[] = [];
     for (let i = 0; i < 16; i++) {
       if (kind === "stream") bg.run("yes", { timeoutSec: seconds + 30, quietAfterSec: 0 });
-      else children.push(bareSpawn(`exec timeout ${seconds + 30} yes`));
+      else {
+        const child = spawn("yes", [], { stdio: ["ignore", "pipe", "ignore"] });
+        child.stdout!.on("data", () => {});
+        children.push(child);
+      }
     }
     const t0 = wallMs();
     const at: number[] = [];
@@ -334,9 +369,9 @@ async function probe(kind: string, arg: string): Promise<void> {
       at.push((process.memoryUsage().rss - idle) / 1e6);
     }
     result.at = at;
-    await bg.shutdown();
-    logs.removeAll();
-    spawnSync("pkill", ["-f", `timeout ${seconds + 30} yes`]);
+    for (const id of bg.tasks.keys()) bg.kill(id);
+    for (const child of children) child.kill("SIGKILL"); // by the ids this probe started
+    await Promise.all([...bg.tasks.values()].map((t) => t.ended));
   }
   clearInterval(sampler);
   result.peak = (Math.max(peak, process.memoryUsage().rss) - idle) / 1e6;
@@ -392,7 +427,7 @@ function memory(): void {
  */
 async function loopOverhead(): Promise<void> {
   const turns = quick ? 200 : 1000;
-  const bg = new BackgroundManager(workdir, { keepOutputOf: 16 });
+  const bg = shippedManager({ keepOutputOf: 16 });
   const harness: number[] = [], floor: number[] = [];
   let returnedAt = 0;
   const model = new ScriptedModel(async (request) => {
@@ -575,12 +610,13 @@ async function watching(): Promise<void> {
   const lines = `yes 'building module ... ok' | head -c ${megabytes * 1_000_000}`;
   // 9a. Output to a capped log: wall time against the same command redirected by the shell.
   const logs = new LogFolder(path.join(workdir, "logs-9"));
-  const bg = new BackgroundManager(workdir, { logs });
+  let onNotice = (_n: { kind: string }) => {};
+  const bg = new BackgroundManager(workdir, { logs, onNotification: (n) => onNotice(n) });
   const [logged, redirected] = await interleaved(
     quick ? 2 : 5,
     async () => {
       const t0 = wallMs();
-      await bg.get(bg.run(lines))!.ended;
+      await bg.tasks.get(bg.run(lines))!.ended;
       return wallMs() - t0;
     },
     async () => {
@@ -602,13 +638,14 @@ async function watching(): Promise<void> {
     quick ? 2 : 5,
     async () => {
       const c0 = process.cpuUsage();
-      await bg.get(bg.run(lines, { ready: /listening on port \d+/ }))!.ended;
+      const ready = new SafePattern("listening on port \\d+");
+      await bg.tasks.get(bg.run(lines, { ready }))!.ended;
       const c = process.cpuUsage(c0);
       return (c.user + c.system) / 1000;
     },
     async () => {
       const c0 = process.cpuUsage();
-      await bg.get(bg.run(lines))!.ended;
+      await bg.tasks.get(bg.run(lines))!.ended;
       const c = process.cpuUsage(c0);
       return (c.user + c.system) / 1000;
     },
@@ -626,10 +663,10 @@ async function watching(): Promise<void> {
   for (let i = 0; i < (quick ? 10 : 50); i++) {
     const command = 'sleep 0.02; echo "READY at $EPOCHREALTIME"; sleep 5';
     let queuedAt = 0;
-    bg.onNotification = (n) => void (n.kind === "ready" && (queuedAt = wallMs()));
-    const id = bg.run(command, { ready: /^READY at/ });
+    onNotice = (n) => void (n.kind === "ready" && (queuedAt = wallMs()));
+    const id = bg.run(command, { ready: new SafePattern("^READY at") });
     while (queuedAt === 0) await bg.nextNotification().then(() => bg.drain());
-    const line = bg.get(id)!.process.readyLine!;
+    const line = bg.tasks.get(id)!.process.readyLine!;
     latency.push(queuedAt - Number(line.split(" at ")[1]) * 1000);
     bg.kill(id);
     let seenAt = 0, stamp = 0;
@@ -641,7 +678,7 @@ async function watching(): Promise<void> {
     });
     bareLatency.push(seenAt - stamp);
   }
-  bg.onNotification = null;
+  onNotice = () => {};
   compare(
     "9c. ready line written -> ready notification queued",
     "ms",
@@ -651,34 +688,136 @@ async function watching(): Promise<void> {
     Infinity,
     { below: 20, at: "p99" },
   );
-  // 9d. A check on a task that has printed a lot: only the new part is read.
+  // 9d. Checks on a task that has printed a lot: new output, tail and filter views.
   const chatty = bg.run(`${lines}; echo 'one more line'; sleep 30`);
-  while ((bg.get(chatty)!.process.output?.totalBytes ?? 0) < megabytes * 1_000_000) {
+  while ((bg.tasks.get(chatty)!.process.output?.totalBytes ?? 0) < megabytes * 1_000_000) {
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
-  const ctx = { workdir, background: bg };
-  await runTool("check_background", { task_id: chatty }, ctx); // the first read takes what is kept
-  const reads: number[] = [], small: number[] = [];
+  const ctx: ToolContext = { workdir, background: bg };
+  const check = (input: Record<string, unknown>) =>
+    runTool({ type: "tool_use", id: "toolu_bench", name: "check_background", input }, ctx);
+  await check({ task_id: chatty }); // the first read takes what is kept
   const tiny = bg.run("echo hi; sleep 30");
-  for (let i = 0; i < (quick ? 10 : 50); i++) {
-    let t0 = wallMs();
-    await runTool("check_background", { task_id: chatty }, ctx);
-    reads.push(wallMs() - t0);
-    t0 = wallMs();
-    await runTool("check_background", { task_id: tiny }, ctx);
-    small.push(wallMs() - t0);
+  for (
+    const [label, view] of [
+      ["new output", {}],
+      ["tail 20", { tail: 20 }],
+      ["filter /ok$/", { filter: "ok$" }],
+    ] as const
+  ) {
+    const reads: number[] = [], small: number[] = [];
+    for (let i = 0; i < (quick ? 10 : 50); i++) {
+      let t0 = wallMs();
+      await check({ task_id: chatty, ...view });
+      reads.push(wallMs() - t0);
+      t0 = wallMs();
+      await check({ task_id: tiny, ...view });
+      small.push(wallMs() - t0);
+    }
+    compare(
+      `9d. check_background (${label}) on a task with ${megabytes} MB printed`,
+      "ms",
+      reads,
+      "reference: the same on a task that printed 3 bytes",
+      small,
+      Infinity,
+      { below: 10, at: "median" },
+    );
   }
-  compare(
-    `9d. check_background on a task with ${megabytes} MB printed`,
-    "ms",
-    reads,
-    "the same on a task that printed 3 bytes",
-    small,
-    Infinity,
-    { below: 10, at: "median" },
-  );
-  await bg.shutdown();
-  logs.removeAll();
+  for (const id of bg.tasks.keys()) bg.kill(id);
+  await Promise.all([...bg.tasks.values()].map((t) => t.ended));
+}
+
+// 10. Long sessions: caching and the context ---------------------------------------------------
+/**
+ * What a scripted session of 30 model calls (a few background tasks, a log read again and
+ * again) is billed for input, in the API's price ratios: cache reads 0.1x, writes 1.25x. The
+ * cache is the API's: a prefix written at a breakpoint is read back by a later request that
+ * has the same prefix. And the largest context reached, against a small window.
+ */
+async function longSession(): Promise<void> {
+  const bg = shippedManager();
+  const chatty = bg.run("seq 1 100000 | sed 's/^/building module /; s/$/ ... ok/'");
+  await bg.tasks.get(chatty)!.ended; // a busy log: every check reads 400 long lines again
+  let call = 0;
+  const model = new ScriptedModel(() => {
+    call++;
+    if (call >= 30) return scriptedReply("Done.");
+    if (call % 10 === 1) {
+      return scriptedReply({ tool: "background_run", input: { command: "sleep 0.1" } });
+    }
+    return scriptedReply({ tool: "check_background", input: { task_id: chatty, tail: 400 } });
+  });
+  const stats = newStats();
+  await agentLoop([], "watch the build", {
+    model,
+    background: bg,
+    workdir,
+    stats,
+    contextWindow: 40_000,
+  });
+  const { cached, uncached } = billedInput(model.requests);
+  rows.push({
+    figure: "10a. input billed over a 30-call session, with cache breakpoints",
+    unit: "tokens",
+    value: stats1(cached),
+    floor: { label: "reference: the same requests without caching", value: stats1(uncached) },
+    target: `<= 0.35x uncached (${(cached / uncached).toFixed(2)}x)`,
+    met: cached / uncached <= 0.35,
+    missedClearly: cached / uncached > 0.35 * NOISE_MARGIN,
+  });
+  const largest = Math.max(...model.requests.map((r) => JSON.stringify(r).length / 4));
+  rows.push({
+    figure: "10b. largest request of that session, a 40,000-token window",
+    unit: "tokens",
+    value: stats1(largest),
+    target: "under the window",
+    met: largest < 40_000,
+    missedClearly: largest >= 40_000,
+  });
+  for (const id of bg.tasks.keys()) bg.kill(id);
+  await Promise.all([...bg.tasks.values()].map((t) => t.ended));
+}
+
+function stats1(value: number): Stats {
+  return { median: value, min: value, max: value, p99: value, n: 1 };
+}
+
+/** Input tokens (4 characters each) billed with the cache, and without, in price units. */
+function billedInput(requests: ModelRequest[]): { cached: number; uncached: number } {
+  const written = new Set<string>();
+  let cached = 0, uncached = 0;
+  for (const request of requests) {
+    const text = JSON.stringify(request);
+    const prefixes = breakpointPrefixes(request);
+    const readBack = prefixes.filter((p) => written.has(p)).at(-1)?.length ?? 0;
+    const lastMark = prefixes.at(-1)?.length ?? 0;
+    cached += (text.length - Math.max(readBack, lastMark)) / 4 + readBack / 4 * 0.1 +
+      Math.max(0, lastMark - readBack) / 4 * 1.25;
+    uncached += text.length / 4;
+    for (const prefix of prefixes) written.add(prefix);
+  }
+  return { cached: Math.round(cached), uncached: Math.round(uncached) };
+}
+
+/** The request's prefixes that end at a cache breakpoint (tools, system, then messages). */
+function breakpointPrefixes(request: ModelRequest): string[] {
+  const parts: unknown[] = [request.tools];
+  const prefixes: string[] = [];
+  const blocks: Array<[string, unknown]> = [];
+  if (typeof request.system !== "string") {
+    for (const s of request.system) blocks.push(["system", s]);
+  }
+  for (const m of request.messages) {
+    if (typeof m.content === "string") blocks.push([m.role, m.content]);
+    else for (const block of m.content) blocks.push([m.role, block]);
+  }
+  for (const block of blocks) {
+    // The API's cache key is the content; where the breakpoints sit is not part of it.
+    parts.push(JSON.stringify(block).replace(/,?"cache_control":\{"type":"ephemeral"\}/g, ""));
+    if (JSON.stringify(block[1]).includes('"cache_control"')) prefixes.push(JSON.stringify(parts));
+  }
+  return prefixes;
 }
 
 function printTable(): void {
@@ -713,6 +852,7 @@ function printTable(): void {
 }
 
 async function main(): Promise<void> {
+  if (process.argv.includes("--help")) return void console.log(HELP);
   const probeAt = process.argv.indexOf("--probe");
   if (probeAt !== -1) return probe(process.argv[probeAt + 1], process.argv[probeAt + 2]);
   const only = process.argv.find((a) => a.startsWith("--only="))?.slice(7).split(",");
@@ -726,6 +866,7 @@ async function main(): Promise<void> {
     ["7", startup],
     ["8", streaming],
     ["9", watching],
+    ["10", longSession],
   ];
   const started = wallMs();
   for (const [figure, step] of steps) {
@@ -735,10 +876,16 @@ async function main(): Promise<void> {
     process.stderr.write(`figure ${figure} measured in ${((wallMs() - t0) / 1000).toFixed(1)} s\n`);
   }
   printTable();
+  const missed = rows.filter((row) => row.missedClearly).map((row) => row.figure);
   console.log(
-    `\n(${((wallMs() - started) / 1000).toFixed(0)} s in all; targets are reported, not enforced)`,
+    `\n(${((wallMs() - started) / 1000).toFixed(0)} s in all; ${
+      missed.length === 0
+        ? "no target missed past its noise margin"
+        : `missed: ${missed.join("; ")}`
+    })`,
   );
   fs.rmSync(workdir, { recursive: true, force: true });
+  if (check && missed.length > 0) process.exit(1);
 }
 
 await main();
