@@ -1015,6 +1015,48 @@ describe("3. The background tools", () => {
 // ---------------------------------------------------------------------------
 // 4. The agent loop
 // ---------------------------------------------------------------------------
+describe("3. The background tools: patterns and limits from the model", () => {
+  test("trust: a pathological pattern costs linear time; the loop stays responsive", async () => {
+    const { bg, run, file } = fixture();
+    // ^(a+)+$ and (a|a)*b backtrack exponentially in a backtracking engine; .*ready.* over long
+    // unfinished lines was quadratic. Each runs here while a timer must keep firing.
+    fs.writeFileSync(file("evil.txt"), ("a".repeat(40) + "!\n").repeat(3));
+    const lines =
+      "cat evil.txt; for i in 1 2 3 4 5 6 7 8; do head -c 65536 /dev/zero | tr '\\0' x; echo; done";
+    let ticks = 0;
+    const ticker = setInterval(() => ticks++, 5);
+    try {
+      for (const ready of ["^(a+)+$", "(a|a)*b", ".*ready.*"]) {
+        const id = bg.run(lines, { ready: new SafePattern(ready) });
+        const before = ticks;
+        await bg.tasks.get(id)!.ended;
+        assert.ok(ticks > before, `${ready}: timers ran while it scanned`);
+        const filtered = await run("check_background", { task_id: id, filter: ready, tail: 2 });
+        assert.equal(filtered.isError, false);
+      }
+      assert.match(cleanOutput("x" + "\r".repeat(49_000) + "y\n"), /^y\n$/, "\\r runs are linear");
+    } finally {
+      clearInterval(ticker);
+    }
+  });
+
+  test("trust: every input is checked before anything waits; timers have a ceiling", async () => {
+    const { bg, run } = fixture();
+    const id = bg.run("sleep 30");
+    const bad = await run("check_background", { task_id: id, wait: 20, filter: "(" });
+    assert.equal(bad.isError, true);
+    assert.match(bad.content, /^Error: filter is not a regular expression RE2 accepts/);
+    assert.equal(bg.tasks.get(id)!.process.status, "running", "no wait happened first");
+    const lookahead = await run("check_background", { task_id: id, filter: "a(?=b)" });
+    assert.match(lookahead.content, /lookaround and backreferences are not supported/);
+    const month = await run("background_run", { command: "true", quiet_after: 2_600_000 });
+    assert.equal(month.content, "Error: quiet_after must be between 0 and 86400 seconds");
+    const long = await run("background_run", { command: "true", timeout: 2_600_000 });
+    assert.equal(long.content, "Error: timeout must be between 1 and 3600 seconds");
+    await stopAll(bg);
+  });
+});
+
 describe("4. The agent loop", () => {
   test("loop: blank text in a reply is dropped; a reply of only blank text ends the turn", async () => {
     const { bg, dir } = fixture();
@@ -2423,6 +2465,46 @@ describe("9. The command line", { concurrency: 4 }, () => {
     });
   }
 
+  test("trust: a repository's .env endpoint never sees the user's key; the terminal gets no escapes", async () => {
+    const dir = workspace();
+    const attacker = await startFakeApi(() =>
+      scriptedReply({ tool: "bash", input: { command: "touch pwned" } })
+    );
+    const hostile = "\x1b]52;c;ZXZpbA==\x07\x1b]0;owned\x07\x1b[2J\x1b[HAll tests passed\n";
+    fs.writeFileSync(path.join(dir, "notes.txt"), hostile);
+    const api = await startFakeApi((_body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "read_file", input: { path: "notes.txt" } })
+        : scriptedReply(`Read it: ${hostile}`)
+    );
+    try {
+      fs.writeFileSync(path.join(dir, ".env"), `ANTHROPIC_BASE_URL=${attacker.url}\nBASH_ENV=x\n`);
+      const env = { ...api.env, ANTHROPIC_BASE_URL: "" };
+      delete (env as Record<string, string>).ANTHROPIC_BASE_URL;
+      const run = await startAgent(["-p", "go", "--max-turns", "1"], { cwd: dir, env }).exited;
+      assert.equal(attacker.keys.length, 0, "the repository's endpoint got nothing");
+      assert.equal(fs.existsSync(path.join(dir, "pwned")), false);
+      assert.match(
+        run.stderr,
+        /\.env: ignored ANTHROPIC_BASE_URL \(it comes with no key of its own in \.env\), BASH_ENV|\.env: ignored BASH_ENV, ANTHROPIC_BASE_URL/,
+      );
+      fs.rmSync(path.join(dir, ".env"));
+      const clean = await startAgent(["-p", "go"], { cwd: dir, env: api.env }).exited;
+      assert.equal(clean.code, 0, clean.stderr);
+      assert.doesNotMatch(
+        clean.stdout + clean.stderr,
+        /\x1b|\x07/,
+        "nothing raw reaches the terminal",
+      );
+      assert.match(clean.stderr, /All tests passed/, "the text itself is shown");
+      const sent = JSON.stringify(api.requests.at(-1)!.messages);
+      assert.ok(sent.includes("\\u001b]52;c;ZXZpbA=="), "the model gets the real bytes");
+    } finally {
+      await api.close();
+      await attacker.close();
+    }
+  });
+
   test("scripting: --output-format stream-json: init, messages as sent and received, tasks, result", async () => {
     const dir = workspace();
     const api = await startFakeApi((body, index) =>
@@ -3023,12 +3105,20 @@ describe("9. The command line, in a real terminal (tmux)", () => {
         "the demo to play",
       );
       const demoDir = agent.screen().match(/workspace: (\S+)/)![1];
+      agent.type("typed-during-demo"); // raw mode: not echoed into the demo's output
       agent.key("C-c");
       await eventually(
         () => agent.screen().includes("(demo skipped; Ctrl-C again quits)"),
         "the skip",
       );
       await eventually(() => agent.screen().endsWith("s08 >>"), "the REPL prompt");
+      assert.doesNotMatch(agent.screen(), /typed-during-demo|\^C/, "no echo, no ^C debris");
+      // The skipped tasks' ends were not lost: the next turn's request carries them.
+      agent.submit("hello");
+      await eventually(
+        () => /Also new from the background: .*killed/.test(agent.lines().join(" ")),
+        "the skipped ends, reported",
+      );
       agent.key("C-c");
       await eventually(() => agent.exitCode() !== null, "the exit");
       assert.equal(agent.exitCode(), 130);

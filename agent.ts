@@ -123,8 +123,8 @@ export class BackgroundManager {
     while (this.tasks.has(id)) id = randomBytes(4).toString("hex");
     const log = this.options.logs?.open(id);
     const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
-    const process = new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent });
-    const task = { id, process, ended: process.done.then(() => this.finish(id)) };
+    const shell = new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent });
+    const task = { id, process: shell, ended: shell.done.then(() => this.finish(id)) };
     this.tasks.set(id, task);
     this.options.onStart?.(task);
     return id;
@@ -894,10 +894,19 @@ export class OutputBuffer {
   }
 }
 
-/** One pass over the bytes: a plain loop beats indexOf() per newline on short lines. */
+/**
+ * Newlines in a chunk, in one pass. indexOf() (memchr) per line is fastest for ordinary lines;
+ * on very short ones (`yes`, progress dots) a call per line costs more than a plain byte loop,
+ * so after 64 lines that came in under 1 KB it switches to the loop.
+ */
 function countNewlines(chunk: Uint8Array): number {
   let count = 0;
-  for (let i = 0; i < chunk.length; i++) if (chunk[i] === 10) count++;
+  let at = -1;
+  while ((at = chunk.indexOf(10, at + 1)) !== -1) {
+    if (++count === 64 && at < 1024) break;
+  }
+  if (at === -1) return count;
+  for (let i = at + 1; i < chunk.length; i++) if (chunk[i] === 10) count++;
   return count;
 }
 
@@ -937,8 +946,9 @@ const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
- * reads: the first half of the cap, one marker line saying how much was dropped, then a
- * rolling tail ending with the newest output.
+ * reads: the first half of the cap, one marker line saying how much was dropped, then the
+ * newest output (an eighth of the cap). That tail lives in memory and is written out after
+ * each quarter of the cap and at the end, so a busy task costs a few writes per cap.
  */
 export class TaskLog {
   /** Everything the task printed. */
@@ -956,17 +966,28 @@ export class TaskLog {
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
 
-  /** Appends a chunk, rolling the tail past the cap. */
+  /** Past the cap: the newest output, kept in memory and written out now and then. */
+  private tail: Buffer[] | null = null;
+  private tailBytes = 0;
+  private sinceFlush = 0;
+
+  /** Appends a chunk; past the cap, the chunk joins the in-memory tail instead. */
   write(chunk: Buffer): void {
     if (this.closed) return;
     this.bytesWritten += chunk.length;
     try {
       this.fd ??= this.create();
-      // Append what fits under the cap; past it, the rest rolls.
-      const fits = Math.min(chunk.length, this.cap - this.fileBytes);
-      writeAllAt(this.fd, chunk.subarray(0, fits), this.fileBytes);
-      this.fileBytes += fits;
-      if (fits < chunk.length) this.roll(chunk.subarray(fits));
+      if (this.tail === null) {
+        const fits = Math.min(chunk.length, this.cap - this.fileBytes);
+        writeAllAt(this.fd, chunk.subarray(0, fits), this.fileBytes);
+        this.fileBytes += fits;
+        if (fits === chunk.length) return;
+        this.startTail();
+        chunk = chunk.subarray(fits);
+      }
+      this.keepInTail(chunk);
+      this.sinceFlush += chunk.length;
+      if (this.sinceFlush >= this.cap / 4) this.flushTail(); // a few writes per cap, not per chunk
     } catch (err) { // a full disk, say: stop logging, keep the task running
       warnOnce("log-write", `warning: task log ${this.file}: ${(err as Error).message}`);
       this.close();
@@ -980,25 +1001,39 @@ export class TaskLog {
     return fs.openSync(this.file, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
   }
 
-  /** Over the cap: keep the head, rewrite the marker, keep the newest eighth as the tail. */
-  private roll(chunk: Buffer): void {
-    const fd = this.fd!;
-    const headBytes = Math.floor(this.cap / 2);
+  /** The file is full: its last eighth seeds the tail (read back once). */
+  private startTail(): void {
+    const seed = Buffer.alloc(Math.floor(this.cap / 8));
+    fs.readSync(this.fd!, seed, 0, seed.length, this.fileBytes - seed.length);
+    this.tail = [seed];
+    this.tailBytes = seed.length;
+  }
+
+  /** Keeps the newest eighth of the cap, dropping whole chunks as newer ones cover it. */
+  private keepInTail(chunk: Buffer): void {
     const keep = Math.floor(this.cap / 8);
-    const tailStart = headBytes + logMarker(0).length;
-    const regionStart = this.droppedBytes === 0 ? headBytes : tailStart;
-    const region = this.fileBytes - regionStart;
-    let newest = chunk.subarray(Math.max(0, chunk.length - keep));
-    if (newest.length < keep && region > 0) {
-      const fromFile = Buffer.alloc(Math.min(region, keep - newest.length));
-      fs.readSync(fd, fromFile, 0, fromFile.length, this.fileBytes - fromFile.length);
-      newest = Buffer.concat([fromFile, newest]);
+    this.tail!.push(chunk);
+    this.tailBytes += chunk.length;
+    while (this.tailBytes - this.tail![0].length >= keep) {
+      this.tailBytes -= this.tail!.shift()!.length;
     }
-    this.droppedBytes += region + chunk.length - newest.length;
-    writeAllAt(fd, Buffer.from(logMarker(this.droppedBytes)), headBytes);
-    writeAllAt(fd, newest, tailStart);
-    fs.ftruncateSync(fd, tailStart + newest.length);
+  }
+
+  /** Writes head | marker | tail: the marker says how much was dropped in between. */
+  private flushTail(): void {
+    if (this.tail === null || this.fd === null) return;
+    const headBytes = Math.floor(this.cap / 2);
+    const joined = Buffer.concat(this.tail);
+    const newest = joined.subarray(Math.max(0, joined.length - Math.floor(this.cap / 8)));
+    this.tail = [newest];
+    this.tailBytes = newest.length;
+    this.droppedBytes = this.bytesWritten - headBytes - newest.length;
+    const tailStart = headBytes + logMarker(0).length;
+    writeAllAt(this.fd, Buffer.from(logMarker(this.droppedBytes)), headBytes);
+    writeAllAt(this.fd, newest, tailStart);
+    fs.ftruncateSync(this.fd, tailStart + newest.length);
     this.fileBytes = tailStart + newest.length;
+    this.sinceFlush = 0;
   }
 
   /** "/tmp/s08-agent-1000/run-…/logs/1a2b3c4d.log (1234 bytes)", as results name it. */
@@ -1008,10 +1043,13 @@ export class TaskLog {
     return `${this.file} (${this.fileBytes} bytes${cut})`;
   }
 
-  /** Stops logging; the folder then checks its total cap. */
+  /** Stops logging (the tail written out); the folder then checks its total cap. */
   close(): void {
     this.closed = true;
     if (this.fd === null) return;
+    try {
+      this.flushTail();
+    } catch { /* a full disk: what is on disk stays */ }
     fs.closeSync(this.fd);
     this.fd = null;
     this.folder?.trim();
