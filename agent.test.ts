@@ -1779,7 +1779,7 @@ describe("5. Processes and output", () => {
     }
   });
 
-  test("processes: the exit sweep ends what escaped its group, by this run's mark only", async () => {
+  test("processes: every child carries this run's mark, also what escapes its group", async () => {
     const dir = workspace();
     const proc = new ShellProcess(
       "setsid sleep 300 & p=$!; until [ \"$(cut -d' ' -f6 /proc/$p/stat)\" = $p ]; do :; done; " +
@@ -1787,12 +1787,11 @@ describe("5. Processes and output", () => {
       { cwd: dir },
     );
     await proc.done;
-    await eventually(() => pidWritten(path.join(dir, "escaped.pid")), "the pid file");
     const escaped = readPid(path.join(dir, "escaped.pid"));
-    await eventually(() => procStat(escaped)?.session === escaped, "its own session");
     assert.ok(isAlive(escaped), "a normal end does not scan /proc");
-    assert.ok(endMarkedProcesses(RUN_ID) >= 1);
-    await eventually(() => !isAlive(escaped), "the escaped process to end", 3);
+    const environ = fs.readFileSync(`/proc/${escaped}/environ`, "utf8").split("\0");
+    assert.ok(environ.includes(`S08_AGENT_RUN=${RUN_ID}`), "the exit sweep will find it");
+    process.kill(escaped, "SIGKILL");
   });
 });
 
@@ -2781,6 +2780,22 @@ describe("9. The command line", { concurrency: 4 }, () => {
     }
   });
 
+  test("cli: at a clean exit, what escaped a task's group (setsid) is ended too", async () => {
+    const dir = workspace();
+    const api = await startOneTaskApi(
+      "setsid sleep 300 & p=$!; until [ \"$(cut -d' ' -f6 /proc/$p/stat)\" = $p ]; do :; done; " +
+        "echo $p > escaped.pid",
+    );
+    try {
+      const run = await startAgent(["-p", "go"], { cwd: dir, env: api.env }).exited;
+      assert.equal(run.code, 0, run.stderr);
+      const escaped = readPid(path.join(dir, "escaped.pid"));
+      await eventually(() => !isAlive(escaped), "the escaped process to end with the agent", 3);
+    } finally {
+      await api.close();
+    }
+  });
+
   test("cli: orphans of a SIGKILLed agent are ended by the next start, named in one line", async () => {
     const dir = workspace();
     const env = { TMPDIR: workspace() }; // its own state folder: no other agent reaps first
@@ -3119,6 +3134,9 @@ describe("9. The command line, in a real terminal (tmux)", () => {
         () => /Also new from the background: .*killed/.test(agent.lines().join(" ")),
         "the skipped ends, reported",
       );
+      await eventually(() => agent.screen().endsWith("s08 >>"), "the prompt again");
+      agent.key("C-c");
+      await eventually(() => agent.screen().includes("Ctrl-C again"), "the hint");
       agent.key("C-c");
       await eventually(() => agent.exitCode() !== null, "the exit");
       assert.equal(agent.exitCode(), 130);

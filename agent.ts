@@ -3999,11 +3999,9 @@ async function playDemo(session: Session): Promise<boolean> {
     for (const prompt of DEMO_PROMPTS) {
       out.line("");
       out.line(`${promptText(0)}${prompt}`, "bold");
-      const options = loopOptions(session, {
-        waitForBackground: true,
-        signal: skip.signal,
-        events,
-      });
+      // Tasks run on while the next prompt is worked on; the last prompt waits for them all.
+      const waitForBackground = prompt === DEMO_PROMPTS.at(-1);
+      const options = loopOptions(session, { waitForBackground, signal: skip.signal, events });
       await agentLoop(session.history, prompt, options);
       err.stopSpinner();
       out.endLine();
