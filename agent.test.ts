@@ -1520,8 +1520,9 @@ describe("5. Processes and output", () => {
       /could not start: .*(E2BIG|Argument list too long)/,
     );
     assert.match(bg.tasks.get(orphaned)!.process.error!, /the working folder .* does not exist/);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    assert.deepEqual(bg.drain(), [], "no second notification");
+    fs.mkdirSync(dir);
+    const later = bg.run("true"); // its end must be the very next notification
+    assert.deepEqual((await notifications(bg, 1)).map((n) => n.taskId), [later], "no second one");
   });
 
   test("output: bounded head and tail with the omitted count while a task prints 200 MB", async () => {
@@ -2858,11 +2859,13 @@ describe("9. The command line", { concurrency: 4 }, () => {
             tool: "background_run",
             input: { command: "while [ ! -f go ]; do sleep 0.02; done; echo slow-done" },
           },
+          { tool: "background_run", input: { command: "sleep 2; echo tick-done" } },
         );
       }
       if (last.includes("tool_result")) return scriptedReply("Both started.");
       if (last.includes("quick-done")) return scriptedReply("Woken by quick-done.");
       if (last.includes("slow-done")) return scriptedReply("Final report: slow-done.");
+      if (last.includes("tick-done")) return scriptedReply("Heard tick-done.");
       return scriptedReply(`unexpected ${last}`);
     });
     try {
@@ -2875,9 +2878,9 @@ describe("9. The command line", { concurrency: 4 }, () => {
         () => agent.output().includes("Woken by quick-done."),
         "the wake-up while stdin is open",
       );
-      agent.child.stdin.end(); // EOF: no more questions, but a task still runs
-      await new Promise((resolve) => setTimeout(resolve, 500));
-      assert.equal(agent.child.exitCode, null, "it waits for the running task");
+      agent.child.stdin.end(); // EOF: no more questions, but tasks still run
+      await eventually(() => agent.output().includes("Heard tick-done."), "a report after EOF");
+      assert.equal(agent.child.exitCode, null, "it still waits for the last running task");
       fs.writeFileSync(path.join(dir, "go"), "");
       const { code, stdout } = await agent.exited;
       assert.equal(code, 0, agent.output());
