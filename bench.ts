@@ -411,7 +411,7 @@ function memory(): void {
       } MB), ${count} x ${megabytes} MB output, logs on`,
       unit: "MB",
       value: stats(ours),
-      floor: { label: "bare spawn(), output dropped", value: stats(bare) },
+      floor: { label: "reference: bare spawn(), output dropped", value: stats(bare) },
       target: `< 150 MB; log <= cap (${Math.max(...logs)} B)`,
       met: stats(ours).median < 150 && Math.max(...logs) <= LOG_CAP_BYTES + 200,
     });
@@ -596,7 +596,7 @@ function streaming(): void {
     unit: "MB",
     value: stats([ours.at(-1)!]),
     floor: {
-      label: `bare spawn(), output dropped: ${bare.map((m: number) => m.toFixed(0)).join("/")} MB`,
+      label: `reference: bare spawn(), output dropped: ${bare.map((m: number) => m.toFixed(0)).join("/")} MB`,
       value: stats([bare.at(-1)!]),
     },
     target: `< ${limit} MB, flat (last <= 1.25x the one before)`,
