@@ -596,7 +596,9 @@ function streaming(): void {
     unit: "MB",
     value: stats([ours.at(-1)!]),
     floor: {
-      label: `reference: bare spawn(), output dropped: ${bare.map((m: number) => m.toFixed(0)).join("/")} MB`,
+      label: `reference: bare spawn(), output dropped: ${
+        bare.map((m: number) => m.toFixed(0)).join("/")
+      } MB`,
       value: stats([bare.at(-1)!]),
     },
     target: `< ${limit} MB, flat (last <= 1.25x the one before)`,
