@@ -24,7 +24,6 @@ import {
   cutText,
   DEMO_PROMPTS,
   demoModel,
-  endMarkedProcesses,
   findTask,
   formatBackgroundResults,
   HELP,
@@ -1109,7 +1108,7 @@ describe("4. The agent loop", () => {
     }
   });
 
-  test("loop: a flood of 200 ends becomes one bounded block, every end accounted for", async () => {
+  test("loop: a flood of 200 ends becomes one bounded block, every end accounted for", () => {
     const notes: Notification[] = Array.from({ length: 200 }, (_, i) => ({
       taskId: i.toString(16).padStart(8, "0"),
       kind: "ended",
@@ -1719,7 +1718,7 @@ describe("5. Processes and output", () => {
     assert.equal(fs.existsSync(state.root), false, "an empty state folder goes too");
   });
 
-  test("trust: forged owner records are ignored: bad shapes, paths, a FIFO, someone else's marker", async () => {
+  test("trust: forged owner records are ignored: bad shapes, paths, a FIFO, someone else's marker", () => {
     const tmp = workspace();
     const state = new StateFolder(tmp);
     const victimDir = fs.mkdtempSync(path.join(tmp, "victim-"));
