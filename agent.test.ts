@@ -3062,6 +3062,12 @@ describe("9. The command line, in a real terminal (tmux)", () => {
           "the blocking command's group to end",
           5,
         );
+        await eventually(
+          () => agent.screen().split("(interrupted)").length === 3,
+          "the second interruption",
+        );
+        const afterBlock = agent.lines().join("\n").split("> bash: ")[1].split("\n");
+        assert.match(afterBlock[1], /^\(interrupted\)$/, "one line says it was interrupted");
         agent.submit("after");
         await eventually(() => agent.screen().includes("All good."), "the next answer");
         assert.deepEqual(api.rejected, []);

@@ -2218,7 +2218,8 @@ export async function runTool(
     events.onToolCall?.(call.name, call.input);
     outcome = await runToolHandler(call.name, call.input, context, tools);
   }
-  events.onToolResult?.(call.name, outcome);
+  // Interrupted: the model hears how it ended; the user sees one "(interrupted)" line.
+  if (!context.signal?.aborted) events.onToolResult?.(call.name, outcome);
   const isError = outcome.isError ? { is_error: true } : {};
   return { type: "tool_result", tool_use_id: call.id, content: outcome.content, ...isError };
 }
