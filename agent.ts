@@ -3421,12 +3421,15 @@ function installExitHandlers(session: Session): void {
     for (const proc of ShellProcess.live) proc.killNow();
   });
   // A wrapper (npx, npm start, tsx) that dies of a signal does not pass it on: exit as if
-  // signalled when the parent, or a tsx wrapper's own parent, is gone.
+  // signalled when it, or the process that started it, is gone. A shell is no wrapper:
+  // `nohup agent.ts &` outlives it on purpose.
   const parent = process.ppid;
   const watched = wrapperParents(parent);
-  setInterval(() => {
-    if (process.ppid !== parent || !watched.every(isRunning)) void exitCleanly(session, 129);
-  }, 1000).unref();
+  if (watched.length > 0) {
+    setInterval(() => {
+      if (process.ppid !== parent || !watched.every(isRunning)) void exitCleanly(session, 129);
+    }, 1000).unref();
+  }
   let crashed = false;
   const crash = (err: unknown): void => {
     // Output that nobody reads any more is not an error: end quietly, never write about it.
@@ -3447,14 +3450,15 @@ function installExitHandlers(session: Session): void {
   process.on("unhandledRejection", crash);
 }
 
-/** The parent, and when the parent is tsx's command line, the process that started it. */
+/** A parent that is a package runner or tsx, and the process that started it; else none. */
 function wrapperParents(parent: number): number[] {
   try {
-    if (!/tsx/.test(fs.readFileSync(`/proc/${parent}/cmdline`, "utf8"))) return [parent];
+    const cmdline = fs.readFileSync(`/proc/${parent}/cmdline`, "utf8");
+    if (!/\b(npm|npx|tsx|pnpm|yarn)\b|node_modules/.test(cmdline)) return [];
     const grandparent = procStatParent(parent);
     return grandparent > 1 ? [parent, grandparent] : [parent];
   } catch {
-    return [parent]; // no /proc (or Deno without -A): the parent alone
+    return []; // no /proc (or Deno without -A): nothing to watch
   }
 }
 
