@@ -2614,6 +2614,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
     const dir = workspace();
     const api = await startFakeApi((body) => {
       const last = JSON.stringify(body.messages.at(-1));
+      if (last.includes("think forever")) return { stall: true };
       if (last.includes("start it")) {
         return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
       }
@@ -2640,6 +2641,14 @@ describe("9. The command line", { concurrency: 4 }, () => {
       await eventually(() => agent.output().includes('"subtype":"ended"'), "the end");
       send({ type: "user", message: { role: "user", content: [{ type: "text", text: "and?" }] } });
       await eventually(() => agent.output().includes("Heard: killed"), "the end, reported");
+      const calls = api.requests.length;
+      send({ type: "user", message: { role: "user", content: "think forever" } });
+      await eventually(() => api.requests.length > calls, "the slow call");
+      send({ type: "control", subtype: "interrupt" });
+      await eventually(
+        () => agent.output().includes('"subtype":"interrupt","ok":true'),
+        "the stop",
+      );
       agent.child.stdin.end();
       const { code, stdout } = await agent.exited;
       assert.equal(code, 0, agent.output());
@@ -2649,8 +2658,9 @@ describe("9. The command line", { concurrency: 4 }, () => {
         "not valid JSON",
         'unknown line type: "nonsense"',
       ]);
-      const kill = events.find((e) => e.type === "control_response");
+      const [kill, interrupt] = events.filter((e) => e.type === "control_response");
       assert.deepEqual([kill.subtype, kill.task_id, kill.ok], ["kill", id, true]);
+      assert.deepEqual([interrupt.subtype, interrupt.ok], ["interrupt", true]);
       assert.equal(events.at(-1).subtype, "success");
     } finally {
       await api.close();

@@ -264,18 +264,19 @@ export async function agentLoop(
   options: LoopOptions,
 ): Promise<string> {
   if (userText !== null) appendUserText(history, userText);
-  let finalText = "";
+  let finalText = "", somethingNew = Boolean(userText?.trim()); // woken (null): the queue only
   try {
     while (true) {
       // 1. Drain the queue: what happened in the background goes in before the call.
-      injectBackgroundResults(history, options.background);
+      if (injectBackgroundResults(history, options.background)) somethingNew = true;
       // 2. Call the model when there is something new for it; keep its reply.
-      if (history.at(-1)?.role === "user") {
+      if (somethingNew && history.at(-1)?.role === "user") {
         const reply = await callModel(history, options);
         finalText = recordReply(history, reply) || finalText;
         // 3. Run the tools it asked for; their results are the next user message.
         const calls = reply.content.filter((b): b is ToolCall => b.type === "tool_use");
-        if (calls.length > 0) {
+        somethingNew = calls.length > 0;
+        if (somethingNew) {
           history.push({ role: "user", content: await runToolCalls(calls, reply, options) });
           continue;
         }
@@ -291,12 +292,10 @@ export async function agentLoop(
 }
 
 /** Step 1: what the background reported enters the conversation as one block. */
-export function injectBackgroundResults(
-  history: MessageParam[],
-  background: BackgroundManager,
-): void {
-  const notifications = background.drain();
+export function injectBackgroundResults(history: MessageParam[], bg: BackgroundManager): boolean {
+  const notifications = bg.drain();
   if (notifications.length > 0) appendUserText(history, formatBackgroundResults(notifications));
+  return notifications.length > 0;
 }
 
 /**
