@@ -1703,14 +1703,31 @@ describe("5. Processes and output", () => {
     });
     const bystander = spawn("sleep", ["300"], { stdio: "ignore", detached: true });
     await eventually(() => members(orphan.pid!, "session").length === 2, "the orphan's sleep");
+    // Kept logs are never deleted: a dead run that kept them, and a run that exited cleanly.
+    const keptDead = fs.mkdtempSync(path.join(state.root, "run-"));
+    fs.mkdirSync(path.join(keptDead, "logs"));
+    fs.writeFileSync(path.join(keptDead, "logs", "1a2b3c4d.log"), "kept\n");
+    fs.writeFileSync(
+      path.join(keptDead, "owner.json"),
+      JSON.stringify({ agent: { pid: 999999998, startTime: 1 }, runId, keepLogs: true }),
+    );
+    const keptClean = fs.mkdtempSync(path.join(state.root, "run-"));
+    fs.writeFileSync(path.join(keptClean, "kept.log"), "kept\n");
     // A live agent's run (this process) is never touched.
     state.writeOwner(false);
     const own = new ShellProcess("sleep 300", { cwd: tmp });
-    assert.deepEqual(state.reapOrphans(), { runs: 1, processes: 2 });
+    assert.deepEqual(state.reapOrphans(), { runs: 2, processes: 2 });
     await eventually(() => members(orphan.pid!, "session").length === 0, "the orphan to end", 3);
     assert.ok(isAlive(bystander.pid!), "a process without the run's mark is left alone");
     assert.ok(isAlive(own.pid!), "a live agent's task is left alone");
-    assert.deepEqual(fs.readdirSync(state.root), [path.basename(state.runDir)]);
+    assert.deepEqual(
+      fs.readdirSync(state.root).sort(),
+      [keptDead, keptClean, state.runDir].map((d) => path.basename(d)).sort(),
+    );
+    assert.deepEqual(fs.readdirSync(keptDead), ["logs"], "the logs stay; the record goes");
+    assert.equal(fs.readFileSync(path.join(keptClean, "kept.log"), "utf8"), "kept\n");
+    fs.rmSync(keptDead, { recursive: true });
+    fs.rmSync(keptClean, { recursive: true });
     process.kill(bystander.pid!, "SIGKILL");
     own.kill();
     await own.done;
