@@ -946,7 +946,7 @@ const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
  * reads: the first half of the cap, one marker line saying how much was dropped, then the
- * newest output (an eighth of the cap). That tail lives in memory and is written out after
+ * newest output (a sixteenth of the cap). That tail lives in memory and is written out after
  * each quarter of the cap and at the end, so a busy task costs a few writes per cap.
  */
 export class TaskLog {
@@ -967,6 +967,10 @@ export class TaskLog {
 
   /** Past the cap: the newest output, kept in memory and written out now and then. */
   private tail: Buffer[] | null = null;
+  /** How much of the newest output the tail keeps: a sixteenth of the cap (1 MB). */
+  private get keepBytes(): number {
+    return Math.floor(this.cap / 16);
+  }
   private tailBytes = 0;
   private sinceFlush = 0;
 
@@ -1000,17 +1004,17 @@ export class TaskLog {
     return fs.openSync(this.file, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
   }
 
-  /** The file is full: its last eighth seeds the tail (read back once). */
+  /** The file is full: its last bytes seed the tail (read back once). */
   private startTail(): void {
-    const seed = Buffer.alloc(Math.floor(this.cap / 8));
+    const seed = Buffer.alloc(this.keepBytes);
     fs.readSync(this.fd!, seed, 0, seed.length, this.fileBytes - seed.length);
     this.tail = [seed];
     this.tailBytes = seed.length;
   }
 
-  /** Keeps the newest eighth of the cap, dropping whole chunks as newer ones cover it. */
+  /** Keeps the newest keepBytes, dropping whole chunks as newer ones cover them. */
   private keepInTail(chunk: Buffer): void {
-    const keep = Math.floor(this.cap / 8);
+    const keep = this.keepBytes;
     this.tail!.push(chunk);
     this.tailBytes += chunk.length;
     while (this.tailBytes - this.tail![0].length >= keep) {
@@ -1023,7 +1027,7 @@ export class TaskLog {
     if (this.tail === null || this.fd === null) return;
     const headBytes = Math.floor(this.cap / 2);
     const joined = Buffer.concat(this.tail);
-    const newest = joined.subarray(Math.max(0, joined.length - Math.floor(this.cap / 8)));
+    const newest = joined.subarray(Math.max(0, joined.length - this.keepBytes));
     this.tail = [newest];
     this.tailBytes = newest.length;
     this.droppedBytes = this.bytesWritten - headBytes - newest.length;
