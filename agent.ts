@@ -543,10 +543,9 @@ export class ShellProcess {
     for (const timer of this.timers) clearTimeout(timer);
     this.watchers?.stop();
     ShellProcess.live.delete(this);
-    // A normal end costs a group kill; the session is scanned only after a kill, or when
-    // something kept the pipes (it escaped the group). The rest goes at the agent's exit.
+    // A normal end cost a group kill (onShellExit); the session is scanned only after a kill,
+    // or when something kept the pipes (it escaped the group). The rest goes at the agent's exit.
     if (this.endReason !== null || this.pipesHeld) this.signalSession("SIGKILL");
-    else if (this.child?.pid !== undefined) signalQuietly(-this.child.pid, "SIGKILL");
     this.log?.close();
     this.error = startError;
     this.endedAt = Date.now();
@@ -589,8 +588,10 @@ function signalQuietly(pid: number, signal: NodeJS.Signals): void {
   }
 }
 
-/** Linux: a process's group, session and start time (in clock ticks), from /proc. */
-export function procStat(pid: number): { pgid: number; session: number; startTime: number } | null {
+/** Linux: a process's parent, group, session and start time (clock ticks), from /proc. */
+export function procStat(
+  pid: number,
+): { ppid: number; pgid: number; session: number; startTime: number } | null {
   let text: string;
   try {
     text = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
@@ -599,7 +600,8 @@ export function procStat(pid: number): { pgid: number; session: number; startTim
   }
   const fields = text.slice(text.lastIndexOf(")") + 2).split(" "); // after "pid (name) "
   if (fields[0] === "Z") return null; // a zombie has already died
-  return { pgid: Number(fields[2]), session: Number(fields[3]), startTime: Number(fields[19]) };
+  const [ppid, pgid, session] = [fields[1], fields[2], fields[3]].map(Number);
+  return { ppid, pgid, session, startTime: Number(fields[19]) };
 }
 
 let knownUid: number | null = null;
@@ -703,6 +705,8 @@ export class StateFolder {
   /** Ends what dead agents of this user left running; removes their folders. Returns counts. */
   reapOrphans(): { runs: number; processes: number } {
     const found = { runs: 0, processes: 0 };
+    // Without /proc (Deno without -A) a live agent looks dead: leave every run alone.
+    if (procStat(process.pid) === null) return found;
     for (const name of fs.readdirSync(this.root)) {
       const runDir = path.join(this.root, name);
       if (!/^run-\w{6}$/.test(name) || runDir === this.runDir) continue;
@@ -778,10 +782,15 @@ function agentAlive(agent: OwnerRecord["agent"]): boolean {
   return stat !== null && stat.startTime === agent.startTime;
 }
 
-/** Creates a file that did not exist (never follows or replaces a planted link), mode 0600. */
+/** Opens a file that did not exist, mode 0600: a link or file planted there is refused. */
+function openNewFile(file: string): number {
+  const { O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
+  return fs.openSync(file, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+}
+
+/** Writes a new file (see openNewFile). */
 function writeNewFile(file: string, text: string): void {
-  const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
-  const fd = fs.openSync(file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+  const fd = openNewFile(file);
   try {
     fs.writeSync(fd, text);
   } finally {
@@ -804,15 +813,16 @@ const OUTPUT_TAIL_BYTES = 25_000;
 export class OutputBuffer {
   private head: Buffer[] = [];
   private headBytes = 0;
-  private tail: Buffer[] = []; // the newest chunks, covering at least the last tailLimit bytes
-  private tailBytes = 0;
+  private tail: RollingTail;
   /** Every byte printed. */
   totalBytes = 0;
   /** Every newline printed. */
   totalLines = 0;
 
   /** Keeps `headLimit` bytes of the start and `tailLimit` of the end. */
-  constructor(private headLimit = OUTPUT_HEAD_BYTES, private tailLimit = OUTPUT_TAIL_BYTES) {}
+  constructor(private headLimit = OUTPUT_HEAD_BYTES, tailLimit = OUTPUT_TAIL_BYTES) {
+    this.tail = new RollingTail(tailLimit);
+  }
 
   /** Takes one chunk of output. */
   push(chunk: Buffer): void {
@@ -824,18 +834,7 @@ export class OutputBuffer {
       this.headBytes += take;
       chunk = chunk.subarray(take);
     }
-    if (chunk.length === 0) return;
-    this.tail.push(chunk);
-    this.tailBytes += chunk.length;
-    // Let go of the oldest chunk as soon as the newer ones cover the tail by themselves.
-    while (this.tailBytes - this.tail[0].length >= this.tailLimit) {
-      this.tailBytes -= this.tail.shift()!.length;
-    }
-    if (this.tail.length > 64) { // many tiny chunks: merge them into one that holds the tail
-      const merged = Buffer.concat(this.tail);
-      this.tail = [merged.subarray(Math.max(0, merged.length - this.tailLimit))];
-      this.tailBytes = this.tail[0].length;
-    }
+    if (chunk.length > 0) this.tail.push(chunk);
   }
 
   /** All the kept output as text, with one line where bytes were left out. */
@@ -849,7 +848,7 @@ export class OutputBuffer {
    */
   textSince(offset: number): { text: string; end: number } {
     const head = Buffer.concat(this.head);
-    const tail = this.keptTail();
+    const tail = this.tail.kept();
     const tailStart = this.totalBytes - tail.length;
     offset = Math.min(offset, this.totalBytes);
     if (tailStart <= head.length) { // nothing was left out: one stretch of bytes
@@ -881,15 +880,43 @@ export class OutputBuffer {
 
   /** The newest kept bytes, as text. */
   private recent(maxBytes = 2048): string {
-    const kept = this.tailBytes > 0 ? this.keptTail() : Buffer.concat(this.head);
+    const kept = this.tail.keptBytes > 0 ? this.tail.kept() : Buffer.concat(this.head);
     const bytes = kept.subarray(Math.max(0, kept.length - maxBytes));
     return decodeUtf8(bytes.subarray(skipCutCharacter(bytes)));
   }
 
   /** The kept end of the output, in one buffer. */
-  private keptTail(): Buffer {
-    const tail = Buffer.concat(this.tail);
-    return tail.subarray(Math.max(0, tail.length - this.tailLimit));
+}
+
+/** The newest `limit` bytes of a stream, kept as whole chunks: memory and the task log share it. */
+class RollingTail {
+  private chunks: Buffer[] = [];
+  private bytes = 0;
+
+  constructor(readonly limit: number) {}
+
+  push(chunk: Buffer): void {
+    this.chunks.push(chunk);
+    this.bytes += chunk.length;
+    // Let go of the oldest chunk as soon as the newer ones cover the limit by themselves.
+    while (this.bytes - this.chunks[0].length >= this.limit) {
+      this.bytes -= this.chunks.shift()!.length;
+    }
+    if (this.chunks.length > 64) { // many tiny chunks: one buffer that holds the tail
+      this.chunks = [this.kept()];
+      this.bytes = this.chunks[0].length;
+    }
+  }
+
+  /** How many bytes kept() returns. */
+  get keptBytes(): number {
+    return Math.min(this.bytes, this.limit);
+  }
+
+  /** The newest `limit` bytes (or all, when fewer came), in one buffer. */
+  kept(): Buffer {
+    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
+    return all.subarray(Math.max(0, all.length - this.limit));
   }
 }
 
@@ -961,18 +988,12 @@ export class TaskLog {
   /** The file is gone (only the newest logs are kept). */
   removed = false;
   private fd: number | null = null;
+  /** Past the cap: the newest output (a sixteenth of the cap), in memory until written out. */
+  private tail: RollingTail | null = null;
+  private sinceFlush = 0;
 
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
-
-  /** Past the cap: the newest output, kept in memory and written out now and then. */
-  private tail: Buffer[] | null = null;
-  /** How much of the newest output the tail keeps: a sixteenth of the cap (1 MB). */
-  private get keepBytes(): number {
-    return Math.floor(this.cap / 16);
-  }
-  private tailBytes = 0;
-  private sinceFlush = 0;
 
   /** Appends a chunk; past the cap, the chunk joins the in-memory tail instead. */
   write(chunk: Buffer): void {
@@ -988,7 +1009,7 @@ export class TaskLog {
         this.startTail();
         chunk = chunk.subarray(fits);
       }
-      this.keepInTail(chunk);
+      this.tail!.push(chunk);
       this.sinceFlush += chunk.length;
       if (this.sinceFlush >= this.cap / 4) this.flushTail(); // a few writes per cap, not per chunk
     } catch (err) { // a full disk, say: stop logging, keep the task running
@@ -1000,36 +1021,22 @@ export class TaskLog {
   /** A new file only: a link or file planted under its name is never followed or reused. */
   private create(): number {
     this.folder?.makeDir();
-    const { O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
-    return fs.openSync(this.file, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+    return openNewFile(this.file);
   }
 
   /** The file is full: its last bytes seed the tail (read back once). */
   private startTail(): void {
-    const seed = Buffer.alloc(this.keepBytes);
+    this.tail = new RollingTail(Math.floor(this.cap / 16));
+    const seed = Buffer.alloc(this.tail.limit);
     fs.readSync(this.fd!, seed, 0, seed.length, this.fileBytes - seed.length);
-    this.tail = [seed];
-    this.tailBytes = seed.length;
-  }
-
-  /** Keeps the newest keepBytes, dropping whole chunks as newer ones cover them. */
-  private keepInTail(chunk: Buffer): void {
-    const keep = this.keepBytes;
-    this.tail!.push(chunk);
-    this.tailBytes += chunk.length;
-    while (this.tailBytes - this.tail![0].length >= keep) {
-      this.tailBytes -= this.tail!.shift()!.length;
-    }
+    this.tail.push(seed);
   }
 
   /** Writes head | marker | tail: the marker says how much was dropped in between. */
   private flushTail(): void {
     if (this.tail === null || this.fd === null) return;
     const headBytes = Math.floor(this.cap / 2);
-    const joined = Buffer.concat(this.tail);
-    const newest = joined.subarray(Math.max(0, joined.length - this.keepBytes));
-    this.tail = [newest];
-    this.tailBytes = newest.length;
+    const newest = this.tail.kept();
     this.droppedBytes = this.bytesWritten - headBytes - newest.length;
     const tailStart = headBytes + logMarker(0).length;
     writeAllAt(this.fd, Buffer.from(logMarker(this.droppedBytes)), headBytes);
@@ -1096,7 +1103,6 @@ export class LogFolder {
 
   /** The log of task `id`; nothing touches the disk until the task prints. */
   open(id: string): TaskLog {
-    this.trim();
     const log = new TaskLog(path.join(this.dir, `${id}.log`), this.perTaskCap, this);
     this.logs.push(log);
     return log;
@@ -1438,8 +1444,8 @@ class IdleWatcher {
   }
 
   /** Cheap on every chunk: a pending timer re-checks the time when it fires. */
-  outputArrived(): void {
-    this.lastOutputAt = Date.now();
+  outputArrived(now: number): void {
+    this.lastOutputAt = now;
     if (this.timer === null && !this.stopped) this.arm(this.ms);
   }
 
@@ -1485,7 +1491,7 @@ class OutputWatchers {
       this.idle.push(
         new IdleWatcher(PARTIAL_LINE_SETTLE_MS, () => {
           const line = proc.readyLine === null ? this.scanner!.testPartialLine() : null;
-          if (line !== null) this.becomeReady(line, say);
+          if (line !== null) this.becomeReady(line);
         }),
       );
     }
@@ -1506,18 +1512,19 @@ class OutputWatchers {
   outputArrived(chunk: Buffer): void {
     if (this.scanner !== null && this.proc.readyLine === null) {
       const line = this.scanner.push(chunk);
-      if (line !== null) this.becomeReady(line, this.say);
+      if (line !== null) this.becomeReady(line);
     }
-    for (const watcher of this.idle) watcher.outputArrived();
+    const now = Date.now(); // once per chunk, for every watcher
+    for (const watcher of this.idle) watcher.outputArrived(now);
   }
 
   stop(): void {
     for (const watcher of this.idle) watcher.stop();
   }
 
-  private becomeReady(line: string, say: NonNullable<ShellOptions["onEvent"]>): void {
+  private becomeReady(line: string): void {
     this.proc.readyLine = cutText(cleanOutput(line).trim(), 300);
-    say("ready", `ready (${elapsed(this.proc)}): ${this.proc.readyLine}`);
+    this.say("ready", `ready (${elapsed(this.proc)}): ${this.proc.readyLine}`);
   }
 }
 
@@ -2457,7 +2464,10 @@ async function callModel(
   events.onModelCall?.(history);
   const call = { signal, onText: events.onText, onRetry: events.onRetry };
   const window = stats?.learntWindow ?? options.contextWindow ?? 200_000;
-  const used = Math.max(stats?.contextTokens ?? 0, estimateTokens(history));
+  // The API's own count for the last call plus the newest message, not the whole history again.
+  const used = stats?.contextTokens
+    ? stats.contextTokens + estimateTokens(history.slice(-1))
+    : estimateTokens(history);
   if (used > window * 0.75) clearOldToolResults(history, used - window * 0.5);
   let reply: ModelReply;
   try {
@@ -2673,7 +2683,7 @@ export function anthropicModel(config: Config): Model {
           }
           const wait = retry.delayMs >= 100 ? ` in ${(retry.delayMs / 1000).toFixed(1)}s` : "";
           options.onRetry?.(`${retry.why}; trying again${wait} (${attempt + 1}/${API_RETRIES})`);
-          await untilAborted(sleep(retry.delayMs), options.signal);
+          await interruptibleSleep(retry.delayMs, options.signal); // Ctrl-C clears its timer
         }
       }
     },
@@ -3301,13 +3311,18 @@ export function runSlashCommand(line: string, session: SlashContext): string {
     if (!rest[0]) return "Usage: /kill <task id or a unique prefix>";
     const task = findTask(background, rest[0]);
     if (typeof task === "string") return task;
-    if (!background.kill(task.id)) {
-      return `Task ${task.id} is not running: ${stateText(task.process)}`;
-    }
-    session.killedByUser.add(task.id);
-    return `Killing ${task.id}...`;
+    return killedByUser(session, task)
+      ? `Killing ${task.id}...`
+      : `Task ${task.id} is not running: ${stateText(task.process)}`;
   }
   return `Unknown command ${command}. Try /help.`;
+}
+
+/** The user (or the driving script) stops a task: its end will not wake the model. */
+function killedByUser(session: SlashContext, task: BackgroundTask): boolean {
+  const killing = session.background.kill(task.id);
+  if (killing) session.killedByUser.add(task.id);
+  return killing;
 }
 
 /** Up to `maxLines` lines of a result, each cut between words, then "(+N more lines)". */
@@ -3319,6 +3334,14 @@ function previewLines(text: string, width: number, maxLines = 4): string[] {
   });
   if (lines.length > maxLines) shown.push(`(+${lines.length - maxLines} more lines)`);
   return shown;
+}
+
+/** A retried API call: one line on stderr, in every mode. */
+function retryLine(session: Session): (why: string) => void {
+  return (why) => {
+    session.out.endLine();
+    session.err.line(`(${why})`, "yellow");
+  };
 }
 
 /** What a person sees of a turn: streamed text on stdout, tool lines and previews on stderr. */
@@ -3334,10 +3357,7 @@ function loopEventsFor(session: Session): LoopEvents {
       err.stopSpinner(); // the spinner lives on stderr, the text on stdout
       out.write(delta);
     },
-    onRetry: (why) => {
-      out.endLine();
-      err.line(`(${why})`, "yellow");
-    },
+    onRetry: retryLine(session),
     onToolCall: (name, input) => {
       err.stopSpinner();
       out.endLine();
@@ -3430,7 +3450,8 @@ function installExitHandlers(session: Session): void {
   const watched = wrapperParents(parent);
   if (watched.length > 0) {
     setInterval(() => {
-      if (process.ppid !== parent || !watched.every(isRunning)) void exitCleanly(session, 129);
+      const gone = watched.some((pid) => procStat(pid) === null);
+      if (process.ppid !== parent || gone) void exitCleanly(session, 129);
     }, 1000).unref();
   }
   let crashed = false;
@@ -3458,24 +3479,10 @@ function wrapperParents(parent: number): number[] {
   try {
     const cmdline = fs.readFileSync(`/proc/${parent}/cmdline`, "utf8");
     if (!/\b(npm|npx|tsx|pnpm|yarn)\b|node_modules/.test(cmdline)) return [];
-    const grandparent = procStatParent(parent);
+    const grandparent = procStat(parent)?.ppid ?? 0;
     return grandparent > 1 ? [parent, grandparent] : [parent];
   } catch {
     return []; // no /proc (or Deno without -A): nothing to watch
-  }
-}
-
-function procStatParent(pid: number): number {
-  const text = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
-  return Number(text.slice(text.lastIndexOf(")") + 2).split(" ")[1]);
-}
-
-function isRunning(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM"; // alive, someone else's
   }
 }
 
@@ -3497,12 +3504,33 @@ function taskJson(task: BackgroundTask, keepLogs: boolean) {
   };
 }
 
-/** The last line of every scripted run (and --output-format json's one object). */
-function resultJson(
+/** How a run ended, as scripts read it, and the exit code for each. */
+type RunEnd = { subtype: "success" | "error" | "error_max_turns"; result: string };
+const EXIT_CODES: Record<RunEnd["subtype"], number> = {
+  success: 0,
+  error: 1,
+  error_max_turns: EXIT_MAX_TURNS,
+};
+
+/**
+ * The end of a run that reports once: its tasks end first, then the result (JSON on stdout,
+ * or an error line on stderr), then the exit with the documented code.
+ */
+async function finishRun(
   session: Session,
-  outcome: { subtype: "success" | "error" | "error_max_turns"; result: string },
+  end: RunEnd,
+  format: CliOptions["outputFormat"],
   keepLogs: boolean,
-) {
+): Promise<never> {
+  await stopAll(session.background); // past --max-turns or an error, tasks still run
+  session.out.endLine();
+  if (format !== "text") emit(resultJson(session, end, keepLogs));
+  else if (end.subtype !== "success") session.err.line(`error: ${end.result}`);
+  return exitCleanly(session, EXIT_CODES[end.subtype]);
+}
+
+/** The last line of every scripted run (and --output-format json's one object). */
+function resultJson(session: Session, outcome: RunEnd, keepLogs: boolean) {
   const { stats } = session;
   return {
     type: "result",
@@ -3539,7 +3567,7 @@ function streamEvents(session: Session): LoopEvents {
         usage: reply.usage,
         session_id,
       }),
-    onRetry: (why) => session.err.line(`(${why})`, "yellow"),
+    onRetry: retryLine(session),
   };
 }
 
@@ -3581,7 +3609,7 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
     streamTaskEvents(session, options.keepLogs);
     events = streamEvents(session);
   } else if (format === "json") {
-    events = { onRetry: (why) => err.line(`(${why})`, "yellow") };
+    events = { onRetry: retryLine(session) };
   } else {
     session.onNotice = (n, task) => {
       out.endLine();
@@ -3590,20 +3618,7 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
   const finished = await runToEnd(session, prompt, events);
-  await stopAll(session.background); // past --max-turns or an error, tasks end before the result
-  if (format !== "text") {
-    const line = resultJson(session, finished, options.keepLogs);
-    process.stdout.write(JSON.stringify(line) + "\n");
-  } else if (finished.subtype !== "success") {
-    out.endLine();
-    err.line(`error: ${finished.result}`);
-  } else out.endLine();
-  const code = finished.subtype === "success"
-    ? 0
-    : finished.subtype === "error"
-    ? 1
-    : EXIT_MAX_TURNS;
-  return exitCleanly(session, code);
+  return finishRun(session, finished, format, options.keepLogs);
 }
 
 /** The stream's first line. */
@@ -3642,7 +3657,7 @@ async function runToEnd(
   session: Session,
   userText: string | null,
   events: LoopEvents,
-): Promise<{ subtype: "success" | "error" | "error_max_turns"; result: string }> {
+): Promise<RunEnd> {
   try {
     const options = loopOptions(session, { waitForBackground: true, events });
     return { subtype: "success", result: await agentLoop(session.history, userText, options) };
@@ -3696,7 +3711,7 @@ class StreamSession {
   private inputClosed = false;
   private turn: AbortController | null = null;
   private lastText = "";
-  private failed: { subtype: "error" | "error_max_turns"; result: string } | null = null;
+  private failed: RunEnd | null = null;
 
   constructor(private session: Session, private keepLogs: boolean) {}
 
@@ -3739,8 +3754,7 @@ class StreamSession {
     }
     if (message.type === "control" && message.subtype === "kill") {
       const task = this.session.background.tasks.get(String(message.task_id));
-      const ok = task ? this.session.background.kill(task.id) : false;
-      if (ok) this.session.killedByUser.add(task!.id);
+      const ok = task ? killedByUser(this.session, task) : false;
       const why = task
         ? (ok ? "killing" : `not running: ${stateText(task.process)}`)
         : "unknown id";
@@ -3792,9 +3806,7 @@ class StreamSession {
     this.busy = true;
     const end = this.failed ?? await runToEnd(this.session, null, streamEvents(this.session));
     if (end.subtype === "success" && end.result === "") end.result = this.lastText;
-    emit(resultJson(this.session, end, this.keepLogs));
-    const code = end.subtype === "success" ? 0 : end.subtype === "error" ? 1 : EXIT_MAX_TURNS;
-    return void exitCleanly(this.session, code);
+    return void finishRun(this.session, end, "stream-json", this.keepLogs);
   }
 }
 
@@ -3982,9 +3994,7 @@ class Repl {
     if (this.interactive) return void exitCleanly(this.session, 0, "Ctrl-D");
     this.busy = true;
     const end = await runToEnd(this.session, null, loopEventsFor(this.session));
-    this.out.endLine();
-    if (end.subtype !== "success") this.err.line(`error: ${end.result}`);
-    return void exitCleanly(this.session, end.subtype === "success" ? 0 : 1);
+    return void finishRun(this.session, end, "text", false);
   }
 }
 
