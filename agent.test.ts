@@ -217,6 +217,11 @@ function messagesProblem(messages: Anthropic.MessageParam[]): string | null {
   return null;
 }
 
+/** JSON of a request part with its cache breakpoints left out: what it says, not where marks sit. */
+function withoutCacheMarks(value: unknown): string {
+  return JSON.stringify(value).replace(/,"cache_control":\{"type":"ephemeral"\}/g, "");
+}
+
 /** Where a request's cache breakpoints are: each as the JSON of the prefix it ends. */
 function cachePrefixes(body: Record<string, unknown>): string[] {
   const prefixes: string[] = [];
@@ -1087,8 +1092,7 @@ describe("4. The agent loop", () => {
       scriptedReply("Done."),
     ]);
     await agentLoop([], "go", { model, background: bg, workdir: dir });
-    const strip = (value: unknown) =>
-      JSON.parse(JSON.stringify(value).replace(/,"cache_control":\{"type":"ephemeral"\}/g, ""));
+    const strip = (value: unknown) => JSON.parse(withoutCacheMarks(value));
     for (const request of model.requests) {
       const marks = JSON.stringify(request).match(/"cache_control"/g)?.length ?? 0;
       assert.ok(marks >= 2 && marks <= 4, `${marks} breakpoints`);
@@ -2553,9 +2557,8 @@ describe("9. The command line", { concurrency: 4 }, () => {
       assert.equal(events[0].model, "m-1");
       assert.ok(api.requests.every((r) => (r as unknown as { model: string }).model === "m-1"));
       const sent = events.filter((e) => e.type === "user").map((e) => e.message);
-      const strip = (v: unknown) =>
-        JSON.stringify(v).replace(/,"cache_control":\{"type":"ephemeral"\}/g, "");
-      assert.deepEqual(sent.map(strip), api.requests.map((r) => strip(r.messages.at(-1))));
+      const lastSent = api.requests.map((r) => withoutCacheMarks(r.messages.at(-1)));
+      assert.deepEqual(sent.map(withoutCacheMarks), lastSent);
       const received = events.filter((e) => e.type === "assistant");
       assert.equal(received.length, api.requests.length, "one event per reply");
       assert.deepEqual(received[0].message.content[0], { type: "text", text: "Starting." });
