@@ -67,40 +67,91 @@ import {
 /** Every test has a timeout: a hang fails that one test instead of stalling the suite. */
 const TEST_TIMEOUT_MS = 60_000;
 type TestBody = () => void | Promise<void>;
-function test(
-  name: string,
-  first: TestBody | { skip?: unknown; timeout?: number },
-  body?: TestBody,
-) {
+type TestOptions = { skip?: unknown; timeout?: number };
+type CollectedTest = { name: string; options: TestOptions; fn: TestBody };
+/** Set while a concurrent section's body runs under Deno: its tests are collected, not run. */
+let collecting: CollectedTest[] | null = null;
+
+function test(name: string, first: TestBody | TestOptions, body?: TestBody) {
   const options = typeof first === "function" ? {} : first;
   const fn = typeof first === "function" ? first : body!;
+  if (collecting) return void collecting.push({ name, options, fn });
   return nodeTest(name, { timeout: TEST_TIMEOUT_MS, ...options } as { timeout: number }, fn);
 }
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+
+/** The slice of Deno's test API a section needs (this file is also typed for Node). */
+type DenoTestContext = { step(step: DenoStep): Promise<boolean> };
+type DenoStep = { name: string; ignore: boolean; fn: () => Promise<void> } & typeof NO_SANITIZERS;
+type DenoTest = { name: string; fn: (t: DenoTestContext) => Promise<void> } & typeof NO_SANITIZERS;
+const NO_SANITIZERS = { sanitizeOps: false, sanitizeResources: false, sanitizeExit: false };
+const denoTest = (test: DenoTest) =>
+  (globalThis as unknown as { Deno: { test(test: DenoTest): void } }).Deno.test(test);
+
+/**
+ * A section of the suite whose tests run up to `concurrency` at a time: most tests wait on
+ * child processes, and the cores are idle meanwhile. node:test honours `concurrency`; Deno's
+ * node:test runs a suite's tests one by one, so there a section is one Deno.test whose steps
+ * run concurrently (Deno allows that for steps without sanitizers). Each test has its timeout.
+ */
+function section(name: string, concurrency: number, body: () => void) {
+  if (!isDeno) return describe(name, { concurrency }, body);
+  const tests: CollectedTest[] = [];
+  collecting = tests;
+  try {
+    body();
+  } finally {
+    collecting = null;
+  }
+  denoTest({
+    name,
+    ...NO_SANITIZERS,
+    fn: async (t) => {
+      let next = 0;
+      const worker = async () => {
+        while (next < tests.length) {
+          const { name, options, fn } = tests[next++];
+          const timeoutMs = options.timeout ?? TEST_TIMEOUT_MS;
+          const step = {
+            name,
+            ignore: Boolean(options.skip),
+            fn: () => withTimeout(fn, timeoutMs),
+          };
+          await t.step({ ...step, ...NO_SANITIZERS });
+        }
+      };
+      await Promise.all(Array.from({ length: concurrency }, worker));
+    },
+  });
+}
+
+/** Runs `fn`, failing if it has not settled after `ms`. */
+async function withTimeout(fn: TestBody, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`test timed out after ${ms} ms`)), ms);
+  });
+  try {
+    await Promise.race([fn(), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 const repoDir = path.dirname(new URL(import.meta.url).pathname);
 
 /** Every temporary folder of this run lives here; it is removed when the run ends. */
 const testRoot = fs.mkdtempSync(path.join(os.tmpdir(), "s08-test-"));
 /** What must end before the folder goes (terminals whose agents still write in it). */
 const closers: Array<() => Promise<void>> = [];
-after(async () => {
+async function removeTestRoot() {
   for (const close of closers) await close();
   fs.rmSync(testRoot, { recursive: true, force: true });
-});
+}
 
 function workspace(): string {
   return fs.mkdtempSync(path.join(testRoot, "ws-"));
-}
-
-/**
- * The slowest end-to-end runs (the whole demo takes ~18 s) start as soon as the file loads and
- * run alongside the other tests; each test, in its place in the file, awaits its run.
- */
-function startEarly<T>(run: () => Promise<T>): () => Promise<T> {
-  const result = run();
-  result.catch(() => {}); // reported by the test that awaits it
-  return () => result;
 }
 
 /** A workspace, a manager working in it, and the context the tools get. */
@@ -549,7 +600,7 @@ function startAgentInTmux(
 // ---------------------------------------------------------------------------
 // 1. Configuration
 // ---------------------------------------------------------------------------
-describe("1. Configuration", () => {
+section("1. Configuration", 1, () => {
   test("config: readConfig takes the model, key, base URL and stream limit from the environment", () => {
     const config = readConfig(
       { MODEL_ID: "m", ANTHROPIC_API_KEY: "k", S08_STREAM_IDLE_SEC: "5" },
@@ -622,7 +673,7 @@ describe("1. Configuration", () => {
 // ---------------------------------------------------------------------------
 // 2. BackgroundManager
 // ---------------------------------------------------------------------------
-describe("2. BackgroundManager", () => {
+section("2. BackgroundManager", 4, () => {
   test("manager: three tasks really run at once (each waits until all three have started)", async () => {
     const { bg } = fixture();
     const waitForAll = "touch started-$N; while [ ! -f started-1 ] || [ ! -f started-2 ] || " +
@@ -747,7 +798,7 @@ describe("2. BackgroundManager", () => {
 // ---------------------------------------------------------------------------
 // 3. The background tools
 // ---------------------------------------------------------------------------
-describe("3. The background tools", () => {
+section("3. The background tools", 4, () => {
   test("tools: background_run starts a task and past the cap answers with a clear error", async () => {
     const { bg, run } = fixture({ maxRunning: 2 });
     assert.match(
@@ -904,18 +955,14 @@ describe("3. The background tools", () => {
     assert.deepEqual(bg.drain().map((n) => n.kind), ["ended"], "no third quiet notice");
   });
 
-  const questionRun = startEarly(async () => { // the question must sit unchanged for 3 s
-    const { bg } = fixture();
+  test("tools: output that ends in a [y/N] question is named once as waiting for input", async () => {
+    const { bg } = fixture(); // the question must sit unchanged for 3 s
     const id = bg.run("echo 'Installing 3 packages'; printf 'Proceed? [y/N] '; sleep 30", {
       quietAfterSec: 0,
     });
     const [asked] = await notifications(bg, 1);
     await stopAll(bg);
-    return { id, asked, after: bg.drain() };
-  });
-
-  test("tools: output that ends in a [y/N] question is named once as waiting for input", async () => {
-    const { id, asked, after } = await questionRun();
+    const after = bg.drain();
     assert.deepEqual([asked.taskId, asked.kind], [id, "input"]);
     assert.match(asked.text, /^seems to wait for input: Proceed\? \[y\/N\] \(stdin is \/dev\/null/);
     assert.deepEqual(after.map((n) => n.kind), ["ended"], "named once");
@@ -1019,7 +1066,7 @@ describe("3. The background tools", () => {
 // ---------------------------------------------------------------------------
 // 4. The agent loop
 // ---------------------------------------------------------------------------
-describe("3. The background tools: patterns and limits from the model", () => {
+section("3. The background tools: patterns and limits from the model", 1, () => {
   test("trust: a pathological pattern costs linear time; the loop stays responsive", async () => {
     const { bg, run, file } = fixture();
     // ^(a+)+$ and (a|a)*b backtrack exponentially in a backtracking engine; .*ready.* over long
@@ -1061,7 +1108,7 @@ describe("3. The background tools: patterns and limits from the model", () => {
   });
 });
 
-describe("4. The agent loop", () => {
+section("4. The agent loop", 4, () => {
   test("loop: blank text in a reply is dropped; a reply of only blank text ends the turn", async () => {
     const { bg, dir } = fixture();
     const model = new ScriptedModel([
@@ -1128,8 +1175,9 @@ describe("4. The agent loop", () => {
     const listed = lines.slice(0, -1).map((l) => l.slice(4, 12));
     const summed = summary.match(/\(ids: ([^)]*)\)/)![1].split(" ");
     assert.deepEqual([...listed, ...summed].sort(), notes.map((n) => n.taskId).sort());
-    const failedLater =
-      notes.slice(listed.length).filter((n) => n.text.startsWith("failed")).length;
+    const failedLater = notes.slice(listed.length).filter((n) =>
+      n.text.startsWith("failed")
+    ).length;
     assert.match(
       summary,
       new RegExp(`^${summed.length} more tasks ended: .*${failedLater} failed`),
@@ -1413,7 +1461,7 @@ describe("4. The agent loop", () => {
 // ---------------------------------------------------------------------------
 // 5. Processes and output
 // ---------------------------------------------------------------------------
-describe("5. Processes and output", () => {
+section("5. Processes and output", 4, () => {
   function shell(command: string, dir: string, timeoutSec = 30) {
     const proc = new ShellProcess(command, { cwd: dir, timeoutSec });
     return proc.done.then(() => proc);
@@ -1819,7 +1867,7 @@ describe("5. Processes and output", () => {
 // ---------------------------------------------------------------------------
 // 6. The base tools
 // ---------------------------------------------------------------------------
-describe("6. The base tools", () => {
+section("6. The base tools", 1, () => {
   test("files: .. escapes, absolute paths outside and symlinks leading outside are refused", async () => {
     const { dir, run } = fixture();
     const outside = workspace();
@@ -1985,7 +2033,7 @@ describe("6. The base tools", () => {
 // ---------------------------------------------------------------------------
 // 7. Models: the real SDK against a loopback Messages API
 // ---------------------------------------------------------------------------
-describe("7. Models", { concurrency: 4 }, () => {
+section("7. Models", 4, () => {
   test("fake API: the validator rejects what the real API rejects", () => {
     const toolUse: Anthropic.MessageParam = {
       role: "assistant",
@@ -2226,7 +2274,7 @@ describe("7. Models", { concurrency: 4 }, () => {
 // ---------------------------------------------------------------------------
 // 8. The offline demo
 // ---------------------------------------------------------------------------
-describe("8. The offline demo", { concurrency: 4 }, () => {
+section("8. The offline demo", 4, () => {
   test("demo: one-shot, piped: no escape codes, waits for the background result", async () => {
     const dir = workspace();
     const { code, stdout, stderr } = await startAgent([
@@ -2243,12 +2291,10 @@ describe("8. The offline demo", { concurrency: 4 }, () => {
     assert.match(stderr, /> background_run: echo piped-ok/);
   });
 
-  const devServerRun = startEarly(() =>
-    startAgent(["--demo", "-p", DEMO_PROMPTS[3]], { cwd: workspace() }).exited
-  );
-
   test("demo: a dev server becomes ready, the model is told, and it is stopped", async () => {
-    const { code, stdout, stderr } = await devServerRun();
+    const { code, stdout, stderr } = await startAgent(["--demo", "-p", DEMO_PROMPTS[3]], {
+      cwd: workspace(),
+    }).exited;
     assert.equal(code, 0, stderr);
     assert.match(stderr, /\[bg:\w{8}\] ready \([\d.]+s\): Local: http:\/\/localhost:5173\//);
     assert.match(stdout, /The dev server is ready: Local: http:\/\/localhost:5173\/\./);
@@ -2299,7 +2345,7 @@ describe("8. The offline demo", { concurrency: 4 }, () => {
 // ---------------------------------------------------------------------------
 // 9. The command line
 // ---------------------------------------------------------------------------
-describe("9. The command line", { concurrency: 4 }, () => {
+section("9. The command line", 4, () => {
   test("cli: arguments through node:util parseArgs, with clear errors", () => {
     assert.deepEqual(parseArgs(["-p", "hi", "--json", "--no-wake"]), {
       print: true,
@@ -2704,16 +2750,11 @@ describe("9. The command line", { concurrency: 4 }, () => {
     }
   });
 
-  const deadApiRun = startEarly(() =>
-    // the SDK's retries with backoff take a few seconds
-    startAgent(["-p", "hello"], {
+  test("cli: a dead API gives one readable line on stderr and exit code 1", async () => {
+    const { code, stderr } = await startAgent(["-p", "hello"], { // retries with backoff: ~3 s
       cwd: workspace(),
       env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "http://127.0.0.1:9" },
-    }).exited
-  );
-
-  test("cli: a dead API gives one readable line on stderr and exit code 1", async () => {
-    const { code, stderr } = await deadApiRun();
+    }).exited;
     assert.equal(code, 1);
     assert.match(stderr, /^error: cannot reach the API: Connection error\..*\n$/m);
     assert.doesNotMatch(stderr, /\n\s+at /, "no stack trace");
@@ -2993,7 +3034,7 @@ describe("9. The command line", { concurrency: 4 }, () => {
 });
 
 // A real terminal: tmux renders the screen, so what is asserted is what a user sees.
-describe("9. The command line, in a real terminal (tmux)", () => {
+section("9. The command line, in a real terminal (tmux)", 5, () => {
   test(
     "terminal: a notice above a wrapped prompt keeps the typed text whole at 50 and 120 columns",
     needsTmux,
@@ -3260,3 +3301,9 @@ describe("9. The command line, in a real terminal (tmux)", () => {
     },
   );
 });
+
+// The temporary folders go when every section has run. Deno runs each section as a test of its
+// own, in file order, so there the clean-up is the last test.
+if (isDeno) {
+  denoTest({ name: "clean-up: the temporary folders go", ...NO_SANITIZERS, fn: removeTestRoot });
+} else after(removeTestRoot);
