@@ -770,11 +770,11 @@ section("2. BackgroundManager", 4, () => {
     assert.equal(all.done, true, "all: ended with the last end");
   });
 
-  test("manager: 200 tasks one after another keep output only for the newest finished ones", async () => {
+  test("manager: 40 tasks one after another keep output only for the newest finished ones", async () => {
     const { bg, ctx } = fixture({ keepOutputOf: 8 });
     let started = 0, finished = 0;
-    while (finished < 200) {
-      while (started < 200 && bg.runningCount() < 16) {
+    while (finished < 40) {
+      while (started < 40 && bg.runningCount() < 16) {
         bg.run("printf '%2000s' x");
         started++;
       }
@@ -782,7 +782,7 @@ section("2. BackgroundManager", 4, () => {
       finished += bg.drain().length;
     }
     const tasks = [...bg.tasks.values()];
-    assert.equal(tasks.length, 200);
+    assert.equal(tasks.length, 40);
     assert.ok(tasks.every((t) => t.process.status === "completed"));
     assert.equal(tasks.filter((t) => t.process.output !== null).length, 8);
     assert.ok(
@@ -2272,9 +2272,11 @@ section("7. Models", 4, () => {
 });
 
 // ---------------------------------------------------------------------------
-// 8. The offline demo
+// 8. The offline demo, and 9. the command line: real processes, the agent as users run it.
+// One section, so that the demo's waits overlap the command line's work.
 // ---------------------------------------------------------------------------
-section("8. The offline demo", 4, () => {
+section("8–9. The offline demo and the command line", 5, () => {
+  // 8. The offline demo
   test("demo: one-shot, piped: no escape codes, waits for the background result", async () => {
     const dir = workspace();
     const { code, stdout, stderr } = await startAgent([
@@ -2340,12 +2342,8 @@ section("8. The offline demo", 4, () => {
       /Also new from the background: \[bg:\w{8}\] completed \(exit 0, [\d.]+s\): arrived/,
     );
   });
-});
 
-// ---------------------------------------------------------------------------
-// 9. The command line
-// ---------------------------------------------------------------------------
-section("9. The command line", 4, () => {
+  // 9. The command line
   test("cli: arguments through node:util parseArgs, with clear errors", () => {
     assert.deepEqual(parseArgs(["-p", "hi", "--json", "--no-wake"]), {
       print: true,
@@ -2547,7 +2545,11 @@ section("9. The command line", 4, () => {
       fs.writeFileSync(path.join(dir, ".env"), `ANTHROPIC_BASE_URL=${attacker.url}\nBASH_ENV=x\n`);
       const env = { ...api.env, ANTHROPIC_BASE_URL: "" };
       delete (env as Record<string, string>).ANTHROPIC_BASE_URL;
-      const run = await startAgent(["-p", "go", "--max-turns", "1"], { cwd: dir, env }).exited;
+      const first = startAgent(["-p", "go", "--max-turns", "1"], { cwd: dir, env });
+      // It calls the default endpoint, unreachable here; one failed call is proof enough.
+      await eventually(() => first.output().includes("trying again"), "a call to the API");
+      first.child.kill("SIGTERM");
+      const run = await first.exited;
       assert.equal(attacker.keys.length, 0, "the repository's endpoint got nothing");
       assert.equal(fs.existsSync(path.join(dir, "pwned")), false);
       assert.match(
@@ -2627,14 +2629,13 @@ section("9. The command line", 4, () => {
     }
   });
 
-  test("scripting: json on failure, --max-turns, stdin as the prompt and as context", async () => {
-    const dir = workspace();
+  test("scripting: --max-turns ends a looping run with exit 3 and a json result", async () => {
     const api = await startFakeApi(() =>
       scriptedReply({ tool: "background_run", input: { command: "sleep 300" } })
     );
     try {
       const capped = startAgent(["-p", "loop", "--json", "--max-turns", "2"], {
-        cwd: dir,
+        cwd: workspace(),
         env: api.env,
       });
       const result = await capped.exited;
@@ -2642,35 +2643,43 @@ section("9. The command line", 4, () => {
       const json = JSON.parse(result.stdout);
       assert.deepEqual([json.subtype, json.is_error, json.num_turns], ["error_max_turns", true, 2]);
       assert.deepEqual(json.tasks.map((t: { status: string }) => t.status), ["killed", "killed"]);
-      const dead = await startAgent(["-p", "hi", "--json"], {
-        cwd: dir,
-        env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "http://127.0.0.1:9" },
-      }).exited;
-      assert.equal(dead.code, 1);
-      const failed = JSON.parse(dead.stdout);
-      assert.deepEqual([failed.subtype, failed.is_error], ["error", true]);
-      assert.match(failed.result, /^cannot reach the API/);
     } finally {
       await api.close();
     }
+  });
+
+  test("scripting: --json against a dead API is one error result and exit 1", async () => {
+    const dead = await startAgent(["-p", "hi", "--json"], { // retries with backoff: ~3 s
+      cwd: workspace(),
+      env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "http://127.0.0.1:9" },
+    }).exited;
+    assert.equal(dead.code, 1);
+    const failed = JSON.parse(dead.stdout);
+    assert.deepEqual([failed.subtype, failed.is_error], ["error", true]);
+    assert.match(failed.result, /^cannot reach the API/);
+  });
+
+  test("scripting: stdin is the prompt, or context before the prompt", async () => {
     const echo = await startFakeApi((body) =>
       scriptedReply(
         JSON.stringify((body.messages[0].content as Anthropic.TextBlockParam[])[0].text),
       )
     );
     try {
-      for (
-        const [args, expected] of [[["-p"], "the diff"], [
-          ["-p", "review this"],
-          "the diff\n\nreview this",
-        ]] as const
-      ) {
-        const agent = startAgent([...args], { cwd: dir, env: echo.env, keepStdin: true });
-        agent.child.stdin.end("the diff\n");
-        const { code, stdout } = await agent.exited;
-        assert.equal(code, 0, agent.output());
-        assert.equal(JSON.parse(stdout.trim()), expected);
-      }
+      const runs =
+        ([[["-p"], "the diff"], [["-p", "review this"], "the diff\n\nreview this"]] as const)
+          .map(async ([args, expected]) => {
+            const agent = startAgent([...args], {
+              cwd: workspace(),
+              env: echo.env,
+              keepStdin: true,
+            });
+            agent.child.stdin.end("the diff\n");
+            const { code, stdout } = await agent.exited;
+            assert.equal(code, 0, agent.output());
+            assert.equal(JSON.parse(stdout.trim()), expected);
+          });
+      await Promise.all(runs);
     } finally {
       await echo.close();
     }
@@ -3031,10 +3040,8 @@ section("9. The command line", 4, () => {
     );
     await stopAll(bg);
   });
-});
 
-// A real terminal: tmux renders the screen, so what is asserted is what a user sees.
-section("9. The command line, in a real terminal (tmux)", 5, () => {
+  // A real terminal: tmux renders the screen, so what is asserted is what a user sees.
   test(
     "terminal: a notice above a wrapped prompt keeps the typed text whole at 50 and 120 columns",
     needsTmux,
