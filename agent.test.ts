@@ -841,18 +841,18 @@ section("3. The background tools", 4, () => {
       "echo one; echo two; while [ ! -f more ]; do sleep 0.02; done; echo three; " +
         "while [ ! -f end ]; do sleep 0.02; done",
     );
-    await eventually(() => bg.tasks.get(id)!.process.output!.totalLines === 2, "two lines");
+    await eventually(() => bg.tasks.get(id)!.process.output!.totalBytes === 8, "two lines");
     const first = await run("check_background", { task_id: id });
     assert.match(
       first.content,
       new RegExp(`^Task ${id}: running \\d+\\.\\ds\\nCommand: .*\\nOutput:\\none\\ntwo$`),
     );
     fs.writeFileSync(file("more"), "");
-    await eventually(() => bg.tasks.get(id)!.process.output!.totalLines === 3, "the third line");
+    await eventually(() => bg.tasks.get(id)!.process.output!.totalBytes === 14, "the third line");
     const second = await run("check_background", { task_id: id });
-    assert.match(second.content, /Output since your last check \(2 earlier lines\):\nthree$/);
+    assert.match(second.content, /Output since your last check \(after byte 8\):\nthree$/);
     const third = await run("check_background", { task_id: id });
-    assert.match(third.content, /\(3 earlier lines\):\n\(nothing new\)$/);
+    assert.match(third.content, /\(after byte 14\):\n\(nothing new\)$/);
     fs.writeFileSync(file("end"), "");
     await ended(bg, id);
   });
@@ -1588,7 +1588,7 @@ section("5. Processes and output", 4, () => {
     assert.match(text, /END\n$/);
     const omitted = Number(text.match(/\[\.\.\. (\d+) bytes omitted \.\.\.\]/)![1]);
     assert.equal(omitted, 200_000_000 + "START\n\nEND\n".length - 50_000);
-    assert.equal(proc.output!.totalLines, 3);
+    assert.equal(proc.output!.totalBytes, 200_000_000 + "START\n\nEND\n".length);
   });
 
   test("output: OutputBuffer keeps head and tail exactly, across thousands of tiny chunks", () => {

@@ -800,7 +800,7 @@ function writeNewFile(file: string, text: string): void {
 
 // ---------------------------------------------------------------------------
 // 6. Output and logs
-// Adds: output kept bounded in memory (head and tail, lines counted in one pass), each task's
+// Adds: output kept bounded in memory (head and tail), each task's
 // whole output in a capped log file opened on first output, and the cleaning every text
 // from outside gets before it reaches the model or the terminal.
 // ---------------------------------------------------------------------------
@@ -809,15 +809,17 @@ function writeNewFile(file: string, text: string): void {
 const OUTPUT_HEAD_BYTES = 25_000;
 const OUTPUT_TAIL_BYTES = 25_000;
 
-/** Keeps the first and last bytes of a stream, counts what fell in between, and its lines. */
+/**
+ * Keeps the first and last bytes of a stream and counts what fell in between. It never looks
+ * inside a chunk: a task may print a gigabyte a second, and a pass over every byte (counting
+ * lines, say) would cost more CPU than reading it.
+ */
 export class OutputBuffer {
   private head: Buffer[] = [];
   private headBytes = 0;
   private tail: RollingTail;
   /** Every byte printed. */
   totalBytes = 0;
-  /** Every newline printed. */
-  totalLines = 0;
 
   /** Keeps `headLimit` bytes of the start and `tailLimit` of the end. */
   constructor(private headLimit = OUTPUT_HEAD_BYTES, tailLimit = OUTPUT_TAIL_BYTES) {
@@ -827,7 +829,6 @@ export class OutputBuffer {
   /** Takes one chunk of output. */
   push(chunk: Buffer): void {
     this.totalBytes += chunk.length;
-    this.totalLines += countNewlines(chunk);
     if (this.headBytes < this.headLimit) {
       const take = Math.min(chunk.length, this.headLimit - this.headBytes);
       this.head.push(chunk.subarray(0, take));
@@ -920,22 +921,6 @@ class RollingTail {
   }
 }
 
-/**
- * Newlines in a chunk, in one pass. indexOf() (memchr) per line is fastest for ordinary lines;
- * on very short ones (`yes`, progress dots) a call per line costs more than a plain byte loop,
- * so after 64 lines that came in under 1 KB it switches to the loop.
- */
-function countNewlines(chunk: Uint8Array): number {
-  let count = 0;
-  let at = -1;
-  while ((at = chunk.indexOf(10, at + 1)) !== -1) {
-    if (++count === 64 && at < 1024) break;
-  }
-  if (at === -1) return count;
-  for (let i = at + 1; i < chunk.length; i++) if (chunk[i] === 10) count++;
-  return count;
-}
-
 const utf8Decoder = new TextDecoder("utf-8"); // not fatal: invalid bytes become U+FFFD
 
 function decodeUtf8(bytes: Uint8Array): string {
@@ -967,14 +952,16 @@ function skipCutCharacter(bytes: Uint8Array): number {
 
 /** The most one task's log file holds. */
 export const LOG_CAP_BYTES = 16 * 1024 * 1024;
+/** How often a log past its cap writes its in-memory tail out. */
+const LOG_FLUSH_MS = 1000;
 /** The most all logs of one run hold together; past it, the oldest finished logs go. */
 const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
  * reads: the first half of the cap, one marker line saying how much was dropped, then the
- * newest output (a sixteenth of the cap). That tail lives in memory and is written out after
- * each quarter of the cap and at the end, so a busy task costs a few writes per cap.
+ * newest output (a sixteenth of the cap). That tail lives in memory and is written out once
+ * a second and at the end, so a busy task costs one write a second.
  */
 export class TaskLog {
   /** Everything the task printed. */
@@ -990,7 +977,7 @@ export class TaskLog {
   private fd: number | null = null;
   /** Past the cap: the newest output (a sixteenth of the cap), in memory until written out. */
   private tail: RollingTail | null = null;
-  private sinceFlush = 0;
+  private flushedAt = 0;
 
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
@@ -1010,8 +997,9 @@ export class TaskLog {
         chunk = chunk.subarray(fits);
       }
       this.tail!.push(chunk);
-      this.sinceFlush += chunk.length;
-      if (this.sinceFlush >= this.cap / 4) this.flushTail(); // a few writes per cap, not per chunk
+      // Written out once a second (and at close): the file is never far behind, and a fast
+      // task costs one write a second instead of one per chunk.
+      if (Date.now() - this.flushedAt >= LOG_FLUSH_MS) this.flushTail();
     } catch (err) { // a full disk, say: stop logging, keep the task running
       warnOnce("log-write", `warning: task log ${this.file}: ${(err as Error).message}`);
       this.close();
@@ -1043,7 +1031,7 @@ export class TaskLog {
     writeAllAt(this.fd, newest, tailStart);
     fs.ftruncateSync(this.fd, tailStart + newest.length);
     this.fileBytes = tailStart + newest.length;
-    this.sinceFlush = 0;
+    this.flushedAt = Date.now();
   }
 
   /** "/tmp/s08-agent-1000/run-…/logs/1a2b3c4d.log (1234 bytes)", as results name it. */
@@ -1556,7 +1544,7 @@ class Retention {
 }
 
 /** How far the model has read each task's output: a plain check shows what is new. */
-const readPositions = new WeakMap<BackgroundTask, { bytes: number; lines: number }>();
+const readPositions = new WeakMap<BackgroundTask, number>();
 
 /** check_background with task_id or task_ids: check everything, wait, then show. */
 async function checkTasks(input: Record<string, unknown>, context: ToolContext) {
@@ -1624,11 +1612,11 @@ function viewOutput(task: BackgroundTask, { tail, filter }: OutputView): string 
 function newOutput(task: BackgroundTask): string {
   const output = task.process.output;
   if (output === null) return "Output: (released: only the newest finished tasks keep it)";
-  const read = readPositions.get(task) ?? { bytes: 0, lines: 0 };
-  const { text, end } = output.textSince(read.bytes);
-  readPositions.set(task, { bytes: end, lines: output.totalLines });
-  const heading = read.lines > 0
-    ? `Output since your last check (${read.lines} earlier lines):`
+  const readUpTo = readPositions.get(task) ?? 0;
+  const { text, end } = output.textSince(readUpTo);
+  readPositions.set(task, end);
+  const heading = readUpTo > 0
+    ? `Output since your last check (after byte ${readUpTo}):`
     : "Output:";
   return `${heading}\n${cleanOutput(text).trim() || "(nothing new)"}`;
 }

@@ -548,8 +548,7 @@ async function startup(): Promise<void> {
     prompt,
     "a script that only prints a prompt",
     promptFloor,
-    isDeno ? Infinity : 1.3, // on Deno the target is absolute: under 0.3 s
-    isDeno ? { below: 300, at: "median" } : undefined,
+    1.3,
   );
   const firstRequest = async (script: string[]) => {
     const before = hits.length;
