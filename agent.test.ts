@@ -1719,6 +1719,20 @@ section("5. Processes and output", 4, () => {
     assert.equal(log.bytesWritten, all.length);
   });
 
+  test("logs: past its cap a running task's log still shows its newest output, a second later", async () => {
+    const dir = workspace();
+    const log = new TaskLog(path.join(dir, "t.log"), 8000);
+    const proc = new ShellProcess(
+      "seq 1 100000; echo still-running; while [ ! -f stop ]; do sleep 0.05; done",
+      { cwd: dir, timeoutSec: 60, log },
+    );
+    const logged = () => fs.existsSync(log.file) ? fs.readFileSync(log.file, "utf8") : "";
+    await eventually(() => logged().includes("still-running"), "the newest output in the file");
+    assert.equal(proc.status, "running", "written out while the task runs, not only at close");
+    fs.writeFileSync(path.join(dir, "stop"), "");
+    await proc.done;
+  });
+
   test("logs: the folder keeps its total cap by removing the oldest finished logs", async () => {
     const dir = workspace();
     const logs = new LogFolder(path.join(dir, "logs"), 4000, 10_000);
