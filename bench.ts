@@ -939,7 +939,10 @@ function printTable(): void {
 }
 
 async function main(): Promise<void> {
-  if (process.argv.includes("--help")) return void console.log(HELP);
+  if (process.argv.includes("--help")) {
+    fs.rmSync(workdir, { recursive: true, force: true });
+    return void console.log(HELP);
+  }
   const probeAt = process.argv.indexOf("--probe");
   if (probeAt !== -1) return probe(process.argv[probeAt + 1], process.argv[probeAt + 2]);
   const only = process.argv.find((a) => a.startsWith("--only="))?.slice(7).split(",");
