@@ -24,7 +24,6 @@
  * @module
  */
 import type Anthropic from "@anthropic-ai/sdk";
-import { randomBytes } from "node:crypto";
 import process from "node:process";
 
 // ===========================================================================
@@ -119,8 +118,8 @@ export class BackgroundManager {
   run(command: string, watch: WatchOptions = {}): string {
     const limit = this.options.maxRunning ?? MAX_RUNNING_TASKS;
     if (this.runningCount() >= limit) throw new Error(`${limit} tasks run already: wait or kill`);
-    let id = randomBytes(4).toString("hex"); // 8 lowercase hex characters
-    while (this.tasks.has(id)) id = randomBytes(4).toString("hex");
+    let id = crypto.randomUUID().slice(0, 8); // 8 random lowercase hex characters
+    while (this.tasks.has(id)) id = crypto.randomUUID().slice(0, 8);
     const log = this.options.logs?.open(id);
     const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
     const shell = new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent });
@@ -356,7 +355,6 @@ async function runToolCalls(calls: ToolCall[], reply: ModelReply, options: LoopO
 
 import { type ChildProcess, spawn } from "node:child_process";
 import * as fs from "node:fs";
-import { createRequire } from "node:module";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as readline from "node:readline";
@@ -385,7 +383,16 @@ const PIPE_GRACE_MS = 1000;
 /** The longest timeout, quiet_after or wait anyone may ask for (one timer can hold it). */
 const MAX_TIMER_SEC = 86_400;
 /** This agent's run id: every child has it in its environment as S08_AGENT_RUN. */
-export const RUN_ID: string = randomBytes(8).toString("hex");
+export const RUN_ID: string = randomHex(8);
+
+/**
+ * `bytes` random bytes as lowercase hex, from Web Crypto (node:crypto would cost Deno about
+ * 50 ms at every start).
+ */
+function randomHex(bytes: number): string {
+  const random = crypto.getRandomValues(new Uint8Array(bytes));
+  return Array.from(random, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
 
 /** How a process ended, or that it still runs. */
 export type TaskStatus = "running" | "completed" | "failed" | "timeout" | "killed" | "error";
@@ -2663,8 +2670,8 @@ let sdk: Promise<Sdk> | null = null;
  * compiles the ESM build's ~390 files one by one, which costs about a second more.
  */
 function loadSdk(): Promise<Sdk> {
-  sdk ??= isDeno ? import("@anthropic-ai/sdk") : Promise.resolve().then(() => {
-    const required = createRequire(import.meta.url)("@anthropic-ai/sdk");
+  sdk ??= isDeno ? import("@anthropic-ai/sdk") : import("node:module").then((module) => {
+    const required = module.createRequire(import.meta.url)("@anthropic-ai/sdk");
     return (required.default ? required : { default: required }) as Sdk;
   });
   return sdk;
@@ -2807,7 +2814,7 @@ export function scriptedReply(
   const content: ModelReply["content"] = blocks.map((b) =>
     typeof b === "string" ? { type: "text", text: b } : {
       type: "tool_use",
-      id: b.id ?? `toolu_${randomBytes(6).toString("hex")}`,
+      id: b.id ?? `toolu_${randomHex(6)}`,
       name: b.tool,
       input: b.input,
     }
