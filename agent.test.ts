@@ -1733,6 +1733,20 @@ section("5. Processes and output", 4, () => {
     await proc.done;
   });
 
+  test("logs: a log whose file fails past its cap stops logging; nothing throws, later or now", async () => {
+    const dir = workspace();
+    const log = new TaskLog(path.join(dir, "t.log"), 8000);
+    log.write(Buffer.alloc(9000, "a")); // past the cap: the tail waits in memory for its timer
+    const open = log as unknown as { fd: number };
+    const fd = open.fd;
+    open.fd = 1_000_000_000; // every write now fails (EBADF), as on a failing disk
+    log.write(Buffer.from("more"));
+    await eventually(() => log.closed, "the timer's write fails and ends the log");
+    log.write(Buffer.from("after")); // ignored
+    assert.equal(log.bytesWritten, 9004);
+    fs.closeSync(fd);
+  });
+
   test("logs: the folder keeps its total cap by removing the oldest finished logs", async () => {
     const dir = workspace();
     const logs = new LogFolder(path.join(dir, "logs"), 4000, 10_000);

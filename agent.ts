@@ -808,9 +808,9 @@ function writeNewFile(file: string, text: string): void {
 
 // ---------------------------------------------------------------------------
 // 6. Output and logs
-// Adds: output kept bounded in memory (head and tail), each task's
-// whole output in a capped log file opened on first output, and the cleaning every text
-// from outside gets before it reaches the model or the terminal.
+// Adds: output kept bounded in memory (head and tail), each task's whole output in a capped
+// log file opened on first output, and the cleaning every text from outside gets before it
+// reaches the model or the terminal.
 // ---------------------------------------------------------------------------
 
 /** Bytes of a task's output kept in memory: its start and its end. */
@@ -893,8 +893,6 @@ export class OutputBuffer {
     const bytes = kept.subarray(Math.max(0, kept.length - maxBytes));
     return decodeUtf8(bytes.subarray(skipCutCharacter(bytes)));
   }
-
-  /** The kept end of the output, in one buffer. */
 }
 
 let bytesSinceCollectorSawAny = 0;
@@ -990,8 +988,8 @@ const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
  * reads: the first half of the cap, one marker line saying how much was dropped, then the
- * newest output (a sixteenth of the cap). That tail lives in memory and is written out once
- * a second and at the end, so a busy task costs one write a second.
+ * newest output (a sixteenth of the cap). That tail lives in memory and is written out
+ * within a second of new output and at the end, so a busy task costs one write a second.
  */
 export class TaskLog {
   /** Everything the task printed. */
@@ -1029,12 +1027,26 @@ export class TaskLog {
       this.tail!.push(chunk);
       // Written out within a second (and at close): the file is never far behind, and a fast
       // task costs one write a second instead of one per chunk.
-      this.flushTimer ??= setTimeout(() => this.flushTail(), LOG_FLUSH_MS);
+      this.flushTimer ??= setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
       this.flushTimer.unref?.();
-    } catch (err) { // a full disk, say: stop logging, keep the task running
-      warnOnce("log-write", `warning: task log ${this.file}: ${(err as Error).message}`);
-      this.close();
+    } catch (err) {
+      this.stopLogging(err as Error);
     }
+  }
+
+  /** The timer's write of the tail; a failure ends the log, as in write(). */
+  private flushOnTimer(): void {
+    try {
+      this.flushTail();
+    } catch (err) {
+      this.stopLogging(err as Error);
+    }
+  }
+
+  /** A full disk, say: stop logging, keep the task running. */
+  private stopLogging(err: Error): void {
+    warnOnce("log-write", `warning: task log ${this.file}: ${err.message}`);
+    this.close();
   }
 
   /** A new file only: a link or file planted under its name is never followed or reused. */
@@ -1084,7 +1096,9 @@ export class TaskLog {
     try {
       this.flushTail();
     } catch { /* a full disk: what is on disk stays */ }
-    fs.closeSync(this.fd);
+    try {
+      fs.closeSync(this.fd);
+    } catch { /* a broken file: nothing more to lose */ }
     this.fd = null;
     this.folder?.trim();
   }
