@@ -816,6 +816,7 @@ function writeNewFile(file: string, text: string): void {
 /** Bytes of a task's output kept in memory: its start and its end. */
 const OUTPUT_HEAD_BYTES = 25_000;
 const OUTPUT_TAIL_BYTES = 25_000;
+const NO_BYTES = Buffer.alloc(0);
 
 /**
  * Keeps the first and last bytes of a stream and counts what fell in between. It never looks
@@ -823,7 +824,7 @@ const OUTPUT_TAIL_BYTES = 25_000;
  * lines, say) would cost more CPU than reading it.
  */
 export class OutputBuffer {
-  private head: Buffer[] = [];
+  private head: Buffer | null = null; // made on the first byte; the chunks are copied into it
   private headBytes = 0;
   private tail: RollingTail;
   /** Every byte printed. */
@@ -838,8 +839,8 @@ export class OutputBuffer {
   push(chunk: Buffer): void {
     this.totalBytes += chunk.length;
     if (this.headBytes < this.headLimit) {
-      const take = Math.min(chunk.length, this.headLimit - this.headBytes);
-      this.head.push(chunk.subarray(0, take));
+      this.head ??= Buffer.allocUnsafe(this.headLimit);
+      const take = chunk.copy(this.head, this.headBytes, 0, this.headLimit - this.headBytes);
       this.headBytes += take;
       chunk = chunk.subarray(take);
     }
@@ -856,7 +857,7 @@ export class OutputBuffer {
    * character), and the byte position the text reaches (where the next read starts).
    */
   textSince(offset: number): { text: string; end: number } {
-    const head = Buffer.concat(this.head);
+    const head = this.keptHead();
     const tail = this.tail.kept();
     const tailStart = this.totalBytes - tail.length;
     offset = Math.min(offset, this.totalBytes);
@@ -887,9 +888,14 @@ export class OutputBuffer {
     return recent.slice(recent.lastIndexOf("\n") + 1);
   }
 
+  /** The start of the output kept so far. */
+  private keptHead(): Buffer {
+    return this.head?.subarray(0, this.headBytes) ?? NO_BYTES;
+  }
+
   /** The newest kept bytes, as text. */
   private recent(maxBytes = 2048): string {
-    const kept = this.tail.keptBytes > 0 ? this.tail.kept() : Buffer.concat(this.head);
+    const kept = this.tail.keptBytes > 0 ? this.tail.kept() : this.keptHead();
     const bytes = kept.subarray(Math.max(0, kept.length - maxBytes));
     return decodeUtf8(bytes.subarray(skipCutCharacter(bytes)));
   }
@@ -910,23 +916,42 @@ function letDenoCollect(bytes: number): void {
   new Uint8Array(1024 * 1024);
 }
 
-/** The newest `limit` bytes of a stream, kept as whole chunks: memory and the task log share it. */
+/** Chunks under this size are copied into a shared block instead of being kept one by one. */
+const SMALL_CHUNK_BYTES = 16 * 1024;
+
+/**
+ * The newest `limit` bytes of a stream: memory and the task log share it. Big chunks are kept
+ * as they came (no copy); small ones (a line at a time) are copied into blocks, so a million
+ * tiny chunks are a few blocks, not a million buffers.
+ */
 class RollingTail {
   private chunks: Buffer[] = [];
   private bytes = 0;
+  /** The block small chunks are being copied into; it is always the newest of `chunks`. */
+  private block: Buffer | null = null;
+  private blockUsed = 0;
 
   constructor(readonly limit: number) {}
 
   push(chunk: Buffer): void {
-    this.chunks.push(chunk);
+    const blockBytes = Math.min(4 * SMALL_CHUNK_BYTES, this.limit);
+    if (chunk.length >= SMALL_CHUNK_BYTES || chunk.length > blockBytes) {
+      this.block = null;
+      this.chunks.push(chunk);
+    } else {
+      if (this.block === null || this.blockUsed + chunk.length > blockBytes) {
+        this.block = Buffer.allocUnsafe(blockBytes);
+        this.blockUsed = 0;
+        this.chunks.push(this.block.subarray(0, 0));
+      }
+      chunk.copy(this.block, this.blockUsed);
+      this.blockUsed += chunk.length;
+      this.chunks[this.chunks.length - 1] = this.block.subarray(0, this.blockUsed);
+    }
     this.bytes += chunk.length;
     // Let go of the oldest chunk as soon as the newer ones cover the limit by themselves.
     while (this.bytes - this.chunks[0].length >= this.limit) {
       this.bytes -= this.chunks.shift()!.length;
-    }
-    if (this.chunks.length > 64) { // many tiny chunks: one buffer that holds the tail
-      this.chunks = [this.kept()];
-      this.bytes = this.chunks[0].length;
     }
   }
 
@@ -951,12 +976,8 @@ class RollingTail {
 
 const utf8Decoder = new TextDecoder("utf-8"); // not fatal: invalid bytes become U+FFFD
 
-function decodeUtf8(bytes: Uint8Array): string {
-  return utf8Decoder.decode(bytes);
-}
-
-/** The same, for every chunk of output: Buffer is 3-5x faster on Node, TextDecoder on Deno. */
-function decodeFast(bytes: Buffer): string {
+/** Bytes as text, invalid bytes as U+FFFD: Buffer is 3-5x faster on Node, TextDecoder on Deno. */
+function decodeUtf8(bytes: Buffer): string {
   return isDeno ? utf8Decoder.decode(bytes) : bytes.toString("utf8");
 }
 
@@ -1028,7 +1049,7 @@ export class TaskLog {
       // Written out within a second (and at close): the file is never far behind, and a fast
       // task costs one write a second instead of one per chunk.
       this.flushTimer ??= setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
-      this.flushTimer.unref?.();
+      this.flushTimer.unref();
     } catch (err) {
       this.stopLogging(err as Error);
     }
@@ -1437,7 +1458,7 @@ export class SafePattern {
 
 /** Finds the first output line that matches a pattern, across chunk boundaries. */
 class LineScanner {
-  private cutCharacter = Buffer.alloc(0); // the start of a character the last chunk cut off
+  private cutCharacter = NO_BYTES; // the start of a character the last chunk cut off
   private partial = ""; // the line being printed: its first MAX_SCANNED_LINE characters
 
   constructor(private pattern: SafePattern) {}
@@ -1446,8 +1467,8 @@ class LineScanner {
   push(chunk: Buffer): string | null {
     const bytes = this.cutCharacter.length > 0 ? Buffer.concat([this.cutCharacter, chunk]) : chunk;
     const whole = completeUtf8(bytes);
-    this.cutCharacter = Buffer.from(bytes.subarray(whole));
-    const decoded = decodeFast(bytes.subarray(0, whole));
+    this.cutCharacter = whole === bytes.length ? NO_BYTES : Buffer.from(bytes.subarray(whole));
+    const decoded = decodeUtf8(bytes.subarray(0, whole));
     const lastNewline = decoded.lastIndexOf("\n");
     if (lastNewline === -1) {
       this.partial = cutText(this.partial + decoded, MAX_SCANNED_LINE);
