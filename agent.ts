@@ -630,7 +630,7 @@ function currentUid(): number {
 /** Linux: the pids under /proc (none where /proc is missing). */
 function allPids(): number[] {
   try {
-    return fs.readdirSync("/proc").filter((e) => e.charCodeAt(0) <= 57).map(Number);
+    return fs.readdirSync("/proc").filter((entry) => /^\d+$/.test(entry)).map(Number);
   } catch {
     return [];
   }
