@@ -1733,6 +1733,20 @@ section("5. Processes and output", 4, () => {
     await proc.done;
   });
 
+  test("logs: below its cap a running task's log shows a line it printed alone, a second later", async () => {
+    const dir = workspace();
+    const log = new TaskLog(path.join(dir, "t.log"));
+    const proc = new ShellProcess(
+      "echo early-line; while [ ! -f stop ]; do sleep 0.05; done",
+      { cwd: dir, timeoutSec: 60, log },
+    );
+    const logged = () => fs.existsSync(log.file) ? fs.readFileSync(log.file, "utf8") : "";
+    await eventually(() => logged() === "early-line\n", "the line in the file");
+    assert.equal(proc.status, "running", "written while the task runs, not only at close");
+    fs.writeFileSync(path.join(dir, "stop"), "");
+    await proc.done;
+  });
+
   test("logs: a log whose file fails past its cap stops logging; nothing throws, later or now", async () => {
     const dir = workspace();
     const log = new TaskLog(path.join(dir, "t.log"), 8000);

@@ -1001,16 +1001,18 @@ function skipCutCharacter(bytes: Uint8Array): number {
 
 /** The most one task's log file holds. */
 export const LOG_CAP_BYTES = 16 * 1024 * 1024;
-/** How often a log past its cap writes its in-memory tail out. */
+/** A log writes what it holds in memory within this time... */
 const LOG_FLUSH_MS = 1000;
+/** ...or, below its cap, once this much has come. */
+const LOG_WRITE_BYTES = 64 * 1024;
 /** The most all logs of one run hold together; past it, the oldest finished logs go. */
 const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
 
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
  * reads: the first half of the cap, one marker line saying how much was dropped, then the
- * newest output (a sixteenth of the cap). That tail lives in memory and is written out
- * within a second of new output and at the end, so a busy task costs one write a second.
+ * newest output (a sixteenth of the cap). That tail lives in memory; like output below the
+ * cap that waits for its 64 KB, it is written within a second and at the end.
  */
 export class TaskLog {
   /** Everything the task printed. */
@@ -1024,6 +1026,9 @@ export class TaskLog {
   /** The file is gone (only the newest logs are kept). */
   removed = false;
   private fd: number | null = null;
+  /** Below the cap: chunks not written yet (a line at a time would be a write each). */
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
   /** Past the cap: the newest output (a sixteenth of the cap), in memory until written out. */
   private tail: RollingTail | null = null;
   private flushTimer: ReturnType<typeof setTimeout> | null = null;
@@ -1031,33 +1036,49 @@ export class TaskLog {
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
 
-  /** Appends a chunk; past the cap, the chunk joins the in-memory tail instead. */
+  /**
+   * Appends a chunk: below the cap it is written with the next 64 KB; past the cap it joins
+   * the in-memory tail. What waits in memory is written within a second (and at close), so
+   * the file is never far behind and a busy task costs a write per 64 KB or per second.
+   */
   write(chunk: Buffer): void {
     if (this.closed) return;
     this.bytesWritten += chunk.length;
     try {
       this.fd ??= this.create();
       if (this.tail === null) {
-        const fits = Math.min(chunk.length, this.cap - this.fileBytes);
-        writeAllAt(this.fd, chunk.subarray(0, fits), this.fileBytes);
-        this.fileBytes += fits;
-        if (fits === chunk.length) return;
-        this.startTail();
-        chunk = chunk.subarray(fits);
+        const fits = Math.min(chunk.length, this.cap - this.fileBytes - this.pendingBytes);
+        this.pending.push(chunk.subarray(0, fits));
+        this.pendingBytes += fits;
+        if (this.pendingBytes >= LOG_WRITE_BYTES || fits < chunk.length) this.writePending();
+        if (fits < chunk.length) {
+          this.startTail();
+          this.tail!.push(chunk.subarray(fits));
+        }
+      } else this.tail.push(chunk);
+      if (this.pendingBytes > 0 || this.tail !== null) {
+        this.flushTimer ??= setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
+        this.flushTimer.unref();
       }
-      this.tail!.push(chunk);
-      // Written out within a second (and at close): the file is never far behind, and a fast
-      // task costs one write a second instead of one per chunk.
-      this.flushTimer ??= setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
-      this.flushTimer.unref();
     } catch (err) {
       this.stopLogging(err as Error);
     }
   }
 
-  /** The timer's write of the tail; a failure ends the log, as in write(). */
+  /** The chunks held below the cap, in one write. */
+  private writePending(): void {
+    if (this.pendingBytes === 0 || this.fd === null) return;
+    const bytes = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending);
+    writeAllAt(this.fd, bytes, this.fileBytes);
+    this.fileBytes += bytes.length;
+    this.pending = [];
+    this.pendingBytes = 0;
+  }
+
+  /** The timer's write of what waits in memory; a failure ends the log, as in write(). */
   private flushOnTimer(): void {
     try {
+      this.writePending();
       this.flushTail();
     } catch (err) {
       this.stopLogging(err as Error);
@@ -1115,6 +1136,7 @@ export class TaskLog {
     this.closed = true;
     if (this.fd === null) return;
     try {
+      this.writePending();
       this.flushTail();
     } catch { /* a full disk: what is on disk stays */ }
     try {
