@@ -2393,9 +2393,9 @@ section("7. Models", 4, () => {
         "Finally.",
       );
       // One retry per silent stream: the two stalls, and on a loaded machine perhaps the
-      // answer too, if its first byte came later than the limit.
+      // answer too (this process serves the API and is the client: a 0.3 s pause in it is
+      // a silent stream, and the request may be dropped before this server has read it).
       assert.ok(retries.length >= 2, "both stalls were retried");
-      assert.equal(retries.length, api.requests.length - 1, "every request but the last");
       retries.forEach((why, i) =>
         assert.equal(why, `the API stream sent nothing for 0.3s; trying again (${i + 1}/3)`)
       );
