@@ -3011,6 +3011,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       const result = await agent.exited;
       assert.ok(exitedWith(result, code, signal), `exit ${result.code} ${result.signal}`);
       assert.deepEqual(members(group), [], "no process of the task's group is left");
+      assert.doesNotMatch(result.stderr, /\[bg:\w{8}\]/, "a task ended on the way out is not news");
     });
   }
 
@@ -3036,6 +3037,11 @@ section("8–9. The offline demo and the command line", 5, () => {
           `${signal}: exit ${result.code} ${result.signal}`,
         );
         assert.deepEqual(members(group), []);
+        assert.doesNotMatch(
+          result.stderr,
+          /\[bg:\w{8}\]/,
+          "a task ended on the way out is not news",
+        );
       } finally {
         await api.close();
       }

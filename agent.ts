@@ -3472,11 +3472,26 @@ interface Session {
   /** Aborted on the way out, so no model call starts while shutting down. */
   stopping: AbortController;
   cleanups: Array<() => void>;
-  /** What Ctrl-C does now: quit (one-shot), skip the demo, or what the REPL decides. */
-  onInterrupt: () => void;
-  /** Who shows a task's notices now (the mode that runs sets it when it starts). */
-  onNotice: (notification: Notification, task: BackgroundTask) => void;
-  onTaskStart: (task: BackgroundTask) => void;
+  /** The part of the program in front of the user now; each mode sets it as it starts. */
+  foreground: Foreground;
+}
+
+/**
+ * What hears Ctrl-C and shows a task's life as it happens: the demo, the REPL, a one-shot
+ * run or the stream, one at a time. Task events reach it until shutdown begins.
+ */
+interface Foreground {
+  /** Ctrl-C: quit, skip the demo, or what the REPL decides. */
+  interrupt(): void;
+  /** A task started (the stream reports it). */
+  taskStarted?(task: BackgroundTask): void;
+  /** A notice: ready, quiet, waiting for input, or the one "ended". */
+  notice?(notification: Notification, task: BackgroundTask): void;
+}
+
+/** The foreground of no mode in particular: Ctrl-C quits, task events show nowhere. */
+function quitOnInterrupt(session: Session): Foreground {
+  return { interrupt: () => void exitCleanly(session, 130) };
 }
 
 /** The loop options every way of running a prompt shares; shutting down aborts every turn. */
@@ -3493,8 +3508,7 @@ function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions 
  */
 async function exitCleanly(session: Session, code: number, why = ""): Promise<never> {
   if (session.stopping.signal.aborted) return new Promise<never>(() => {}); // already on the way
-  session.stopping.abort();
-  session.onNotice = () => {}; // tasks killed now wake nothing, print nothing
+  session.stopping.abort(); // from now on, tasks killed wake nothing and print nothing
   session.out.finish();
   session.err.finish();
   const running = session.background.runningCount();
@@ -3517,7 +3531,7 @@ function flushed(stream: NodeJS.WriteStream): Promise<void> {
 
 /** Signals, a parent that died, broken pipes and crashes all end the agent the same way. */
 function installExitHandlers(session: Session): void {
-  process.on("SIGINT", () => session.onInterrupt());
+  process.on("SIGINT", () => session.foreground.interrupt());
   process.on("SIGTERM", () => void exitCleanly(session, 143));
   process.on("SIGHUP", () => void exitCleanly(session, 129)); // the terminal closed
   process.on("SIGQUIT", () => void exitCleanly(session, 131)); // Ctrl-\
@@ -3653,9 +3667,12 @@ function streamEvents(session: Session): LoopEvents {
 }
 
 /** Task events for the stream: started, ready, quiet, input, ended (exactly one per task). */
-function streamTaskEvents(session: Session, keepLogs: boolean): void {
+function streamTaskEvents(
+  session: Session,
+  keepLogs: boolean,
+): Required<Omit<Foreground, "interrupt">> {
   const session_id = session.id;
-  session.onTaskStart = (task) =>
+  const taskStarted = (task: BackgroundTask) =>
     emit({
       type: "task",
       subtype: "started",
@@ -3663,7 +3680,7 @@ function streamTaskEvents(session: Session, keepLogs: boolean): void {
       command: task.process.command,
       session_id,
     });
-  session.onNotice = (n, task) => {
+  const notice = (n: Notification, task: BackgroundTask) => {
     if (n.kind !== "ended") {
       const line = n.kind === "ready" ? { line: task.process.readyLine } : { text: n.text };
       return emit({ type: "task", subtype: n.kind, task_id: task.id, ...line, session_id });
@@ -3678,6 +3695,7 @@ function streamTaskEvents(session: Session, keepLogs: boolean): void {
       session_id,
     });
   };
+  return { taskStarted, notice };
 }
 
 /** One-shot: run the prompt to the end (background tasks too), print the answer, exit. */
@@ -3687,14 +3705,20 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
   let events: LoopEvents;
   if (format === "stream-json") {
     emit(initEvent(session));
-    streamTaskEvents(session, options.keepLogs);
+    session.foreground = {
+      ...quitOnInterrupt(session),
+      ...streamTaskEvents(session, options.keepLogs),
+    };
     events = streamEvents(session);
   } else if (format === "json") {
     events = { onRetry: retryLine(session) };
   } else {
-    session.onNotice = (n, task) => {
-      out.endLine();
-      err.line(formatNotice(n, task), "dim");
+    session.foreground = {
+      ...quitOnInterrupt(session),
+      notice: (n, task) => {
+        out.endLine();
+        err.line(formatNotice(n, task), "dim");
+      },
     };
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
@@ -3798,11 +3822,14 @@ class StreamSession {
 
   start(): void {
     emit(initEvent(this.session));
-    streamTaskEvents(this.session, this.keepLogs);
-    const streamNotice = this.session.onNotice;
-    this.session.onNotice = (n, task) => {
-      streamNotice(n, task);
-      if (!this.busy && !this.session.killedByUser.has(task.id)) this.enqueue(null);
+    const stream = streamTaskEvents(this.session, this.keepLogs);
+    this.session.foreground = {
+      ...quitOnInterrupt(this.session),
+      taskStarted: stream.taskStarted,
+      notice: (n, task) => {
+        stream.notice(n, task);
+        if (!this.busy && !this.session.killedByUser.has(task.id)) this.enqueue(null);
+      },
     };
     const rl = readline.createInterface({ input: process.stdin, terminal: false });
     rl.on("line", (line) => this.onLine(line));
@@ -3810,7 +3837,6 @@ class StreamSession {
       this.inputClosed = true;
       this.enqueue(undefined);
     });
-    this.session.onInterrupt = () => void exitCleanly(this.session, 130);
   }
 
   private onLine(line: string): void {
@@ -3935,11 +3961,13 @@ class Repl {
   }
 
   start(): void {
-    this.session.onNotice = (n, task) => this.onNotification(n, task);
+    this.session.foreground = { // SIGINT from outside, or a pipe; rl hears Ctrl-C on a TTY
+      interrupt: () => this.onInterrupt(),
+      notice: (n, task) => this.onNotification(n, task),
+    };
     this.rl.on("line", (line) => this.onLine(line));
     this.rl.on("close", () => this.onInputClosed());
     this.rl.on("SIGINT", () => this.onInterrupt());
-    this.session.onInterrupt = () => this.onInterrupt(); // SIGINT from outside, or a pipe
     const { config, model } = this.session;
     this.err.line(
       `s08, the Background Tasks agent · model: ${model.name} · workspace: ` +
@@ -4086,13 +4114,15 @@ class Repl {
 async function playDemo(session: Session): Promise<boolean> {
   const { out, err } = session;
   const skip = new AbortController();
-  session.onInterrupt = () => skip.abort();
+  session.foreground = {
+    interrupt: () => skip.abort(),
+    notice: (n, task) => {
+      out.endLine();
+      err.line(formatNotice(n, task), "dim");
+    },
+  };
   const stopReading = readKeysDuringDemo(() => skip.abort());
   showDemoBanner(session);
-  session.onNotice = (n, task) => {
-    out.endLine();
-    err.line(formatNotice(n, task), "dim");
-  };
   const events = demoEvents(session);
   try {
     for (const prompt of DEMO_PROMPTS) {
@@ -4108,12 +4138,12 @@ async function playDemo(session: Session): Promise<boolean> {
   } catch (error) {
     if (!(error instanceof InterruptedError) || session.stopping.signal.aborted) throw error;
     err.stopSpinner();
-    session.onNotice = () => {}; // the demo's own tasks end without notices...
+    session.foreground = { interrupt: () => skip.abort() }; // the demo's tasks end unseen...
     await stopAll(session.background); // ...but their ends stay queued for the next turn
     out.line("(demo skipped; Ctrl-C again quits)", "yellow");
   } finally {
     stopReading();
-    session.onInterrupt = () => void exitCleanly(session, 130);
+    session.foreground = quitOnInterrupt(session);
   }
   out.line("");
   out.line("[offline demo] done. Type a prompt for the scripted model, /help, or exit.", "dim");
@@ -4333,8 +4363,10 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     model: useDemo ? demoModel(process.stdout.isTTY ? 400 : 0) : anthropicModel(config),
     background: new BackgroundManager(config.workdir, {
       logs,
-      onStart: (task) => session.onTaskStart(task),
-      onNotification: (notification, task) => session.onNotice(notification, task),
+      onStart: (task) => session.foreground.taskStarted?.(task),
+      onNotification: (notification, task) => {
+        if (!session.stopping.signal.aborted) session.foreground.notice?.(notification, task);
+      },
     }),
     history: [],
     stats: newStats(),
@@ -4346,9 +4378,7 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     killedByUser: new Set(),
     stopping: new AbortController(),
     cleanups,
-    onInterrupt: () => void exitCleanly(session, 130),
-    onNotice: () => {},
-    onTaskStart: () => {},
+    foreground: { interrupt: () => void exitCleanly(session, 130) },
   };
   if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
   installExitHandlers(session);
