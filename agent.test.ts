@@ -505,9 +505,9 @@ function apiModel(url: string, more: Partial<Config> = {}) {
 
 /**
  * Under Node, agent.ts compiled once into the test folder by esbuild with the options tsx
- * passes it (tsx compiles with esbuild too). tsx's loader costs every start about half a second of
- * CPU, and some forty agent starts on two cores were most of the suite's time. The documented
- * starts (npm start, npx tsx) have a test of their own in section 9.
+ * passes it (tsx compiles with esbuild too). tsx's loader costs every start about half a
+ * second of CPU, and some thirty agent starts on two cores were most of the suite's time.
+ * The documented starts (npm start, npx tsx) have a test of their own in section 9.
  */
 async function compileForNode(): Promise<string> {
   const { transformSync } = await import("esbuild");
@@ -673,7 +673,7 @@ function tmuxControl(session: string) {
   client.stdin.on("error", () => {}); // the session may be gone first
   const waitingForReply: Array<(reply: string) => void> = [];
   let reply: string[] | null = null; // the rows of a reply being read
-  let ours = false; // whether that reply answers one of our commands (flag 1)
+  let ours = false; // whether that reply answers one of our commands (flag 0: tmux's own)
   let pending = "";
   let captured = { screen: "", joinedRows: "" };
   let capturing = false;
@@ -706,7 +706,7 @@ function tmuxControl(session: string) {
       reply = null;
     } else if (line.startsWith("%begin ")) {
       reply = [];
-      ours = line.endsWith(" 1");
+      ours = !line.endsWith(" 0");
     } else if (line.startsWith("%output ")) void capture();
   };
   client.stdout.setEncoding("utf8").on("data", (chunk: string) => {
