@@ -28,16 +28,17 @@ import process from "node:process";
 
 // ===========================================================================
 // PART I: THE LESSON. It borrows these from Part II, each a piece of machinery it trusts:
-//   ShellProcess, ShellOptions   a command in its own process group, output kept (5)
+//   ShellProcess                 a command in its own process group, output kept (5)
 //   LogFolder                    where each task's whole output goes, capped (6)
 //   endReport                    a finished task in one line: state, exit code, output (7)
 //   Retention                    only the newest finished tasks keep output and log (7)
-//   watchOptionsFrom             background_run's ready / quiet_after / timeout, checked (7)
+//   WatchOptions, watchOptionsFrom   background_run's ready / quiet_after / timeout, checked (7)
 //   checkTasks, taskList, killTask   what check_background and kill_background do (7)
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
 //   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
-//   Model, callModel, LoopOptions   messages in, reply out (cached, retried); a turn's needs (9)
-//   InterruptedError, INTERRUPTED_NOTE   Ctrl-C ended the turn; the note says so (9)
+//   callModel, LoopOptions       messages in, reply out (cached, retried); a turn's needs (9)
+//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam   the API's shapes, named (9)
+//   InterruptedError, INTERRUPTED_NOTE, untilAborted   Ctrl-C ends a turn or a wait (9)
 // ===========================================================================
 
 // ---------------------------------------------------------------------------
