@@ -3668,10 +3668,7 @@ function streamEvents(session: Session): LoopEvents {
 }
 
 /** Task events for the stream: started, ready, quiet, input, ended (exactly one per task). */
-function streamTaskEvents(
-  session: Session,
-  keepLogs: boolean,
-): Required<Omit<Foreground, "interrupt">> {
+function streamTaskEvents(session: Session, keepLogs: boolean) {
   const session_id = session.id;
   const taskStarted = (task: BackgroundTask) =>
     emit({
@@ -3962,7 +3959,8 @@ class Repl {
   }
 
   start(): void {
-    this.session.foreground = { // SIGINT from outside, or a pipe; rl hears Ctrl-C on a TTY
+    // Ctrl-C on a terminal reaches readline (below); SIGINT from outside or a pipe, this.
+    this.session.foreground = {
       interrupt: () => this.onInterrupt(),
       notice: (n, task) => this.onNotification(n, task),
     };
