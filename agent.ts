@@ -3426,6 +3426,14 @@ function retryLine(session: Session): (why: string) => void {
   };
 }
 
+/** A task's notice as a dim line on stderr (one-shot, demo; the REPL puts it above its prompt). */
+function noticeLine(session: Session): Foreground["notice"] {
+  return (notification, task) => {
+    session.out.endLine();
+    session.err.line(formatNotice(notification, task), "dim");
+  };
+}
+
 /** What a person sees of a turn: streamed text on stdout, tool lines and previews on stderr. */
 function loopEventsFor(session: Session): LoopEvents {
   const { out, err } = session;
@@ -3698,7 +3706,6 @@ function streamTaskEvents(session: Session, keepLogs: boolean) {
 
 /** One-shot: run the prompt to the end (background tasks too), print the answer, exit. */
 async function runOneShot(session: Session, prompt: string, options: CliOptions): Promise<never> {
-  const { out, err } = session;
   const format = options.outputFormat;
   let events: LoopEvents;
   if (format === "stream-json") {
@@ -3711,13 +3718,7 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
   } else if (format === "json") {
     events = { onRetry: retryLine(session) };
   } else {
-    session.foreground = {
-      ...quitOnInterrupt(session),
-      notice: (n, task) => {
-        out.endLine();
-        err.line(formatNotice(n, task), "dim");
-      },
-    };
+    session.foreground = { ...quitOnInterrupt(session), notice: noticeLine(session) };
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
   const finished = await runToEnd(session, prompt, events);
@@ -4113,13 +4114,7 @@ class Repl {
 async function playDemo(session: Session): Promise<boolean> {
   const { out, err } = session;
   const skip = new AbortController();
-  session.foreground = {
-    interrupt: () => skip.abort(),
-    notice: (n, task) => {
-      out.endLine();
-      err.line(formatNotice(n, task), "dim");
-    },
-  };
+  session.foreground = { interrupt: () => skip.abort(), notice: noticeLine(session) };
   const stopReading = readKeysDuringDemo(() => skip.abort());
   showDemoBanner(session);
   const events = demoEvents(session);
