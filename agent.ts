@@ -3393,15 +3393,15 @@ export function runSlashCommand(line: string, session: SlashContext): string {
     if (!rest[0]) return "Usage: /kill <task id or a unique prefix>";
     const task = findTask(background, rest[0]);
     if (typeof task === "string") return task;
-    return killedByUser(session, task)
+    return killForUser(session, task)
       ? `Killing ${task.id}...`
       : `Task ${task.id} is not running: ${stateText(task.process)}`;
   }
   return `Unknown command ${command}. Try /help.`;
 }
 
-/** The user (or the driving script) stops a task: its end will not wake the model. */
-function killedByUser(session: SlashContext, task: BackgroundTask): boolean {
+/** Kills a task for the user (or the driving script): its end will not wake the model. */
+function killForUser(session: SlashContext, task: BackgroundTask): boolean {
   const killing = session.background.kill(task.id);
   if (killing) session.killedByUser.add(task.id);
   return killing;
@@ -3860,7 +3860,7 @@ class StreamSession {
     }
     if (message.type === "control" && message.subtype === "kill") {
       const task = this.session.background.tasks.get(String(message.task_id));
-      const ok = task ? killedByUser(this.session, task) : false;
+      const ok = task ? killForUser(this.session, task) : false;
       const why = task
         ? (ok ? "killing" : `not running: ${stateText(task.process)}`)
         : "unknown id";
