@@ -1057,8 +1057,9 @@ export class TaskLog {
           this.tail!.push(chunk.subarray(fits));
         }
       } else this.tail.push(chunk);
-      if (this.pendingBytes > 0 || this.tail !== null) {
-        this.flushTimer ??= setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
+      const waiting = this.pendingBytes > 0 || this.tail !== null;
+      if (waiting && this.flushTimer === null) { // armed once per second at most, not per chunk
+        this.flushTimer = setTimeout(() => this.flushOnTimer(), LOG_FLUSH_MS);
         this.flushTimer.unref();
       }
     } catch (err) {
