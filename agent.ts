@@ -37,7 +37,7 @@ import process from "node:process";
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
 //   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
 //   callModel, LoopOptions       messages in, reply out (cached, retried); a turn's needs (9)
-//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam   the API's shapes, named (9)
+//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam   the messages' types (9)
 //   InterruptedError, INTERRUPTED_NOTE, untilAborted   Ctrl-C ends a turn or a wait (9)
 // ===========================================================================
 
@@ -4373,7 +4373,7 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     killedByUser: new Set(),
     stopping: new AbortController(),
     cleanups,
-    foreground: { interrupt: () => void exitCleanly(session, 130) },
+    foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
   };
   if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
   installExitHandlers(session);
