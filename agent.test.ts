@@ -145,7 +145,7 @@ function section(name: string, concurrency: number, body: () => void) {
 function registerForNode(sections: Section[]) {
   const registerSection = ({ name, concurrency, tests }: Section) =>
     describe(name, { concurrency }, () => {
-      for (const { name, options: { slow: _, ...options }, fn } of tests) {
+      for (const { name, options, fn } of tests) { // node:test ignores `slow`
         nodeTest(name, { timeout: TEST_TIMEOUT_MS, ...options } as { timeout: number }, fn);
       }
     });
