@@ -352,7 +352,7 @@ async function startFakeApi(
     body: { messages: Anthropic.MessageParam[] },
     index: number,
   ) => FakeAnswer | Promise<FakeAnswer>,
-  options: { maxPromptTokens?: number } = {},
+  options: { maxPromptTokens?: number; textDeltaChars?: number } = {},
 ): Promise<FakeApi> {
   const requests: FakeApi["requests"] = [];
   const rejected: string[] = [];
@@ -446,11 +446,15 @@ async function startFakeApi(
             index,
             content_block: { type: "text", text: "" },
           });
-          send("content_block_delta", {
-            type: "content_block_delta",
-            index,
-            delta: { type: "text_delta", text: block.text },
-          });
+          // As the real API does, text may come in many small deltas, cut anywhere.
+          const size = options.textDeltaChars ?? Math.max(1, block.text.length);
+          for (let at = 0; at < block.text.length; at += size) {
+            send("content_block_delta", {
+              type: "content_block_delta",
+              index,
+              delta: { type: "text_delta", text: block.text.slice(at, at + size) },
+            });
+          }
         } else {
           const start = { type: "tool_use", id: block.id, name: block.name, input: {} };
           send("content_block_start", { type: "content_block_start", index, content_block: start });
@@ -3285,6 +3289,47 @@ section("8–9. The offline demo and the command line", 5, () => {
           agent.submit("exit");
           await eventually(() => agent.exitCode() !== null, "the exit");
           assert.equal(agent.exitCode(), 0);
+          await agent.kill();
+        } finally {
+          await api.close();
+        }
+      }
+    },
+  );
+
+  test(
+    "terminal: a streamed answer fills the width and breaks between words, across deltas too",
+    needsTmux,
+    async () => {
+      const words = "Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod " +
+        "tempor incididunt ut labore et dolore magna aliqua Ut enim ad minim veniam quis " +
+        "nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat";
+      const answer = `${words}\n\nsecond paragraph ${"x".repeat(130)} end`;
+      for (const columns of [60, 100]) {
+        // 7-character deltas: most words arrive cut in two.
+        const api = await startFakeApi(() => scriptedReply(answer), { textDeltaChars: 7 });
+        try {
+          const agent = startAgentInTmux(["-p", "say it"], {
+            cwd: workspace(),
+            columns,
+            env: api.env,
+          });
+          await eventually(() => agent.exitCode() !== null, "the exit");
+          assert.equal(agent.exitCode(), 0);
+          const rows = agent.screen().split("\n");
+          const first = rows.findIndex((row) => row.startsWith("Lorem"));
+          const last = rows.findIndex((row) => row.endsWith(" end"));
+          const answerRows = rows.slice(first, last + 1);
+          assert.ok(first >= 0 && last > first, agent.screen());
+          assert.ok(answerRows.every((row) => row.length < columns), "every row fits");
+          assert.ok(answerRows.every((row) => !row.startsWith(" ")), "no row opens with a space");
+          const paragraph = answerRows.slice(0, answerRows.indexOf(""));
+          assert.deepEqual(paragraph.join(" ").split(" "), words.split(" "), "no word is cut");
+          for (const [i, row] of paragraph.slice(0, -1).entries()) {
+            const next = paragraph[i + 1].split(" ")[0];
+            assert.ok(row.length + 1 + next.length >= columns - 1, `row ${i} is filled: ${row}`);
+          }
+          assert.ok(answerRows.includes("x".repeat(columns - 1)), `a word wider than a row:\n${answerRows.join("\n")}`);
           await agent.kill();
         } finally {
           await api.close();

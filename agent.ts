@@ -1327,6 +1327,8 @@ class Printer {
   readonly color: ReturnType<typeof colorsFor>;
   private spinner: ReturnType<typeof setInterval> | null = null;
   private column = 0;
+  private pendingWord = "";
+  private wrapped = false; // the row was opened by a wrap: its leading spaces are dropped
 
   constructor(readonly stream: NodeJS.WriteStream, public quiet = false) {
     this.color = colorsFor(stream);
@@ -1337,26 +1339,50 @@ class Printer {
     return this.stream.isTTY ? Math.max(20, (this.stream.columns || 80) - 1) : 0;
   }
 
-  /** Streamed text (the model's words): cleaned, wrapped between words on a terminal. */
+  /**
+   * Streamed text (the model's words): cleaned, wrapped between words on a terminal. A word
+   * may arrive in two deltas, so the last unfinished word waits here until its end is known.
+   */
   write(text: string): void {
     const clean = cleanOutput(text);
     if (!this.width) return this.raw(clean);
-    let out = "";
-    for (const piece of clean.split(/( |\n)/)) {
-      if (piece === "\n") this.column = 0;
-      else if (piece !== " " && this.column > 0 && this.column + piece.length > this.width) {
-        out = out.replace(/ $/, "") + "\n";
-        this.column = 0;
+    const pieces = (this.pendingWord + clean).split(/( |\n)/);
+    this.pendingWord = pieces.pop()!; // "" when the text ended on a space or a newline
+    this.placeWords(pieces);
+  }
+
+  /** Writes words and separators at the column they reach, breaking rows between words. */
+  private placeWords(pieces: string[]): void {
+    let out = "", column = this.column;
+    for (let piece of pieces) {
+      if (piece === "\n") [out, column, this.wrapped] = [out + "\n", 0, false];
+      else if (piece === " ") {
+        if (this.wrapped || column >= this.width) continue; // no space opens or overflows a row
+        [out, column] = [out + " ", column + 1];
+      } else if (piece !== "") {
+        if (column > 0 && column + piece.length > this.width) { // the word goes on the next row
+          [out, column] = [out.replace(/ +$/, "") + "\n", 0];
+        }
+        while (piece.length > this.width) { // a word wider than a row is broken at the edge
+          [out, piece] = [out + piece.slice(0, this.width) + "\n", piece.slice(this.width)];
+        }
+        [out, column, this.wrapped] = [out + piece, column + piece.length, piece === ""];
       }
-      out += piece;
-      if (piece !== "\n") this.column += piece.length;
     }
     this.raw(out);
   }
 
   /** Finishes a partly written line, so what comes next starts at the left edge. */
   endLine(): void {
+    this.flushWord();
     if (!this.atLineStart) this.raw("\n");
+  }
+
+  /** The word held back by write() goes out (its end came, or something else is printed). */
+  private flushWord(): void {
+    const word = this.pendingWord;
+    this.pendingWord = "";
+    if (word !== "") this.placeWords([word]);
   }
 
   /** One line of text from anywhere, cleaned and fitted, in a colour. */
