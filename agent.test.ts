@@ -57,6 +57,7 @@ import {
   TOOL_RESULT_MAX_CHARS,
   type ToolContext,
   waitForTasks,
+  userFolder,
   wellFormed,
 } from "./agent.ts";
 
@@ -747,6 +748,15 @@ section("1. Configuration", 1, () => {
     });
     assert.equal(readConfig({}, "/w").streamIdleSec, 90);
     assert.equal(readConfig({ S08_CONTEXT_WINDOW: "50000" }, "/w").contextWindow, 50_000);
+  });
+
+  test("config: INIT_CWD names the user's folder only when a script runs in the package root", () => {
+    const root = workspace(), user = workspace();
+    assert.equal(userFolder({ INIT_CWD: user }, root, root), user, "npm start / deno task");
+    assert.equal(userFolder({ INIT_CWD: user }, workspace(), root) !== user, true, "stale");
+    assert.equal(userFolder({}, root, root), root, "none set");
+    assert.equal(userFolder({ INIT_CWD: "relative" }, root, root), root, "not absolute");
+    assert.equal(userFolder({ INIT_CWD: path.join(user, "gone") }, root, root), root, "no folder");
   });
 
   test("config: .env is read with the runtime's parser; the user's environment wins", () => {
@@ -2692,6 +2702,31 @@ section("8–9. The offline demo and the command line", 5, () => {
       assert.ok(mine().length >= 2, "the agent and its tasks run");
       process.kill(wrapper.pid!, "SIGTERM"); // the process a supervisor started: the wrapper
       await eventually(() => mine().length === 0, `${command}: nothing left running`, 10);
+    }
+  });
+
+  test("cli: the agent works in the folder it was started from, by each documented start", {
+    slow: true,
+  }, async () => {
+    const deno = isDeno ? process.execPath : path.join(repoDir, "node_modules", ".bin", "deno");
+    const starts = [
+      `deno run -A ${repoDir}/agent.ts`,
+      `deno task --quiet --config ${repoDir}/deno.json start`,
+      ...(isDeno ? [] : [`npm --silent --prefix ${repoDir} start --`]),
+    ];
+    for (const start of starts) {
+      const dir = workspace();
+      const command = `${start} --demo -p 'run pwd > where.txt' --json`;
+      const env: Record<string, string> = { ...agentEnv(), PATH: `${path.dirname(deno)}:${process.env.PATH}` };
+      // A stale INIT_CWD, as `npm test` leaves it, is ignored or replaced; deno task keeps one
+      // that is already set, so it starts without one, as from a shell.
+      if (start.startsWith("deno task")) delete env.INIT_CWD;
+      else env.INIT_CWD = repoDir;
+      const run = await runShell(command, dir, env);
+      assert.equal(run.status, 0, `${start}: ${run.stderr}`);
+      assert.equal(JSON.parse(run.stdout).subtype, "success", `${start}: stdout is JSON only`);
+      assert.equal(fs.readFileSync(path.join(dir, "where.txt"), "utf8").trim(), dir, start);
+      assert.equal(fs.existsSync(path.join(repoDir, "where.txt")), false, start);
     }
   });
 

@@ -4305,6 +4305,28 @@ function denoPermissionsGranted(kinds: string[], explain = true): boolean {
   return false;
 }
 
+/**
+ * The folder the user started the agent from. `npm start` and `deno task start` run in the
+ * package root and pass the caller's folder as INIT_CWD; it is taken only then, so a stale
+ * INIT_CWD inherited from elsewhere never moves a run that was started in another folder.
+ */
+export function userFolder(
+  env: Record<string, string | undefined> = process.env,
+  cwd = process.cwd(),
+  packageRoot = path.dirname(fileURLToPath(import.meta.url)),
+): string {
+  const init = env.INIT_CWD;
+  const real = (dir: string) => {
+    try {
+      return fs.realpathSync(dir);
+    } catch {
+      return null;
+    }
+  };
+  if (!init || !path.isAbsolute(init) || real(cwd) !== real(packageRoot)) return cwd;
+  return fs.statSync(init, { throwIfNoEntry: false })?.isDirectory() ? init : cwd;
+}
+
 /** The command line's entry: parse, ask Deno's permissions, start a session, run a mode. */
 export async function main(args: string[]): Promise<void> {
   let options: CliOptions;
@@ -4317,6 +4339,8 @@ export async function main(args: string[]): Promise<void> {
   if (options.help) return void process.stdout.write(HELP + "\n");
   // Deno: first what every run needs; the network only once we know there is a key to use.
   if (!denoPermissionsGranted(["read", "write", "run", "env"])) process.exit(2);
+  const folder = userFolder();
+  if (folder !== process.cwd()) process.chdir(folder); // the user's project, not the agent's
   const { config, ignored } = configFrom(process.env, readDotEnv(path.join(process.cwd(), ".env")));
   if (ignored) warnOnce("dotenv", ignored);
   if (options.model) config.model = options.model;
