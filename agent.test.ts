@@ -56,8 +56,8 @@ import {
   TaskLog,
   TOOL_RESULT_MAX_CHARS,
   type ToolContext,
-  waitForTasks,
   userFolder,
+  waitForTasks,
   wellFormed,
 } from "./agent.ts";
 
@@ -1482,7 +1482,7 @@ section("4. The agent loop", 4, () => {
     assert.equal(fs.existsSync(file("half.txt")), false);
     const [result] = model.requests[1].messages.at(-1)!.content as Anthropic.ToolResultBlockParam[];
     assert.deepEqual([result.tool_use_id, result.is_error], ["toolu_cut", true]);
-    assert.match(String(result.content), /hit max_tokens/);
+    assert.match(String(result.content), /cut off \(max_tokens/);
     assert.equal(messagesProblem(model.requests[1].messages), null);
   });
 
@@ -2449,7 +2449,7 @@ section("7. Models", 4, () => {
       );
       assert.equal(fs.existsSync(file("cut.txt")), false);
       assert.deepEqual(api.rejected, []);
-      assert.match(JSON.stringify(api.requests[1].messages.at(-1)), /hit max_tokens/);
+      assert.match(JSON.stringify(api.requests[1].messages.at(-1)), /cut off \(max_tokens/);
     } finally {
       await api.close();
     }
@@ -2545,7 +2545,59 @@ section("8–9. The offline demo and the command line", 5, () => {
       wake: false,
       keepLogs: false,
       help: false,
+      permissions: { allowed: new Set(), disallowed: new Set(), mode: "default", askClient: false },
+      appendSystemPrompt: null,
+      systemPrompt: null,
+      maxBudgetUsd: null,
+      resume: null,
+      continueLast: false,
+      sessionId: null,
     });
+    // The command line the Claude Agent SDK builds: --verbose, and options as --flag=value.
+    const sdk = parseArgs([
+      "--output-format",
+      "stream-json",
+      "--verbose",
+      "--input-format",
+      "stream-json",
+      "--max-turns=2",
+      "--model=m-2",
+      "--allowedTools=Bash,Read",
+      "--disallowedTools=write_file",
+      "--permission-mode=acceptEdits",
+      "--permission-prompt-tool=stdio",
+      "--max-budget-usd=0.5",
+    ]);
+    assert.deepEqual([sdk.maxTurns, sdk.model, sdk.maxBudgetUsd, sdk.print], [
+      2,
+      "m-2",
+      0.5,
+      false,
+    ]);
+    assert.deepEqual(sdk.permissions, {
+      allowed: new Set([
+        "bash",
+        "background_run",
+        "check_background",
+        "kill_background",
+        "read_file",
+      ]),
+      disallowed: new Set(["write_file"]),
+      mode: "acceptEdits",
+      askClient: true,
+    });
+    assert.throws(
+      () => parseArgs(["--allowedTools=Bash(npm test:*)"]),
+      /patterns .* not supported/,
+    );
+    assert.throws(() => parseArgs(["--allowedTools=Frob"]), /unknown tool "Frob"/);
+    assert.throws(() => parseArgs(["--permission-mode=yolo"]), /--permission-mode is one of/);
+    assert.throws(
+      () => parseArgs(["-p", "x", "--permission-prompt-tool=stdio"]),
+      /needs --input-format stream-json/,
+    );
+    assert.throws(() => parseArgs(["--max-budget-usd=-1"]), /--max-budget-usd needs/);
+    assert.throws(() => parseArgs(["--include-partial-messages"]), /unknown option/);
     assert.equal(parseArgs(["hello there"]).prompt, "hello there");
     assert.equal(parseArgs(["hello there"]).print, true);
     assert.deepEqual(parseArgs(["-p"]).prompt, null, "the prompt may come on stdin");
@@ -2602,7 +2654,11 @@ section("8–9. The offline demo and the command line", 5, () => {
       .exited;
     assert.equal(result.code, 2);
     const json = JSON.parse(result.stdout);
-    assert.deepEqual([json.type, json.subtype, json.is_error], ["result", "error", true]);
+    assert.deepEqual([json.type, json.subtype, json.is_error], [
+      "result",
+      "error_during_execution",
+      true,
+    ]);
     assert.match(json.result, /^no ANTHROPIC_API_KEY/);
     assert.match(
       result.stderr,
@@ -2674,12 +2730,13 @@ section("8–9. The offline demo and the command line", 5, () => {
     assert.equal(events[0].type, "system");
     assert.equal(events[0].subtype, "init");
     assert.equal(events.at(-1).type, "result");
-    const started = events.filter((e) => e.type === "task" && e.subtype === "started");
-    const ended = events.filter((e) => e.type === "task" && e.subtype === "ended");
+    const started = events.filter((e) => e.subtype === "task_started");
+    const ended = events.filter((e) => e.subtype === "task_notification");
     assert.deepEqual(ended.map((e) => e.task_id).sort(), started.map((e) => e.task_id).sort());
     for (const end of ended) {
       const at = events.indexOf(end);
       assert.ok(events.findIndex((e) => e.task_id === end.task_id) < at, "started before ended");
+      assert.ok(["completed", "failed", "stopped"].includes(end.status), end.status);
     }
     return events;
   }
@@ -2717,7 +2774,10 @@ section("8–9. The offline demo and the command line", 5, () => {
     for (const start of starts) {
       const dir = workspace();
       const command = `${start} --demo -p 'run pwd > where.txt' --json`;
-      const env: Record<string, string> = { ...agentEnv(), PATH: `${path.dirname(deno)}:${process.env.PATH}` };
+      const env: Record<string, string> = {
+        ...agentEnv(),
+        PATH: `${path.dirname(deno)}:${process.env.PATH}`,
+      };
       // A stale INIT_CWD, as `npm test` leaves it, is ignored or replaced; deno task keeps one
       // that is already set, so it starts without one, as from a shell.
       if (start.startsWith("deno task")) delete env.INIT_CWD;
@@ -2817,19 +2877,37 @@ section("8–9. The offline demo and the command line", 5, () => {
       ]);
       assert.equal(events[0].model, "m-1");
       assert.ok(api.requests.every((r) => (r as unknown as { model: string }).model === "m-1"));
+      // What the harness sent after the prompt: tool results, then the background results.
       const sent = events.filter((e) => e.type === "user").map((e) => e.message);
-      const lastSent = api.requests.map((r) => withoutCacheMarks(r.messages.at(-1)));
+      const lastSent = api.requests.slice(1).map((r) => withoutCacheMarks(r.messages.at(-1)));
       assert.deepEqual(sent.map(withoutCacheMarks), lastSent);
+      // One assistant message per block, as Claude Code sends them, with the API's fields.
       const received = events.filter((e) => e.type === "assistant");
-      assert.equal(received.length, api.requests.length, "one event per reply");
-      assert.deepEqual(received[0].message.content[0], { type: "text", text: "Starting." });
-      const ready = events.find((e) => e.type === "task" && e.subtype === "ready");
-      assert.equal(ready.line, "listening");
-      const ended = events.find((e) => e.type === "task" && e.subtype === "ended");
+      // The first reply has two blocks; each later one, one.
+      assert.equal(received.length, api.requests.length + 1, "one per block");
+      assert.deepEqual(received[0].message.content, [{ type: "text", text: "Starting." }]);
       assert.deepEqual(
-        [ended.status, ended.exit_code, ended.preview, typeof ended.duration_ms],
-        ["completed", 0, "listening | bye", "number"],
+        [received[0].message.id, received[0].message.model, received[0].parent_tool_use_id],
+        ["msg_1", "m-1", null],
       );
+      assert.ok(events.every((e) => e.session_id === events[0].session_id && e.uuid));
+      const call = received[1].message.content[0];
+      const started = events.filter((e) => e.subtype === "task_started");
+      assert.equal(started.length, 1);
+      assert.deepEqual([started[0].tool_use_id, started[0].task_type], [call.id, "local_bash"]);
+      const ready = events.find((e) => e.subtype === "task_progress" && e.kind === "ready");
+      assert.equal(ready.line, "listening");
+      const ends = events.filter((e) => e.subtype === "task_notification");
+      assert.equal(ends.length, 1, "exactly one notification");
+      assert.deepEqual(
+        [ends[0].status, ends[0].exit_code, ends[0].preview, ends[0].tool_use_id],
+        ["completed", 0, "listening | bye", call.id],
+      );
+      assert.match(ends[0].summary, /completed \(exit code 0\)/);
+      const changes = events.filter((e) => e.subtype === "background_tasks_changed");
+      assert.deepEqual(changes.map((e) => e.tasks.length), [1, 0], "replace semantics");
+      const results = events.filter((e) => e.type === "result");
+      assert.equal(results.length, 1, "-p: one result");
       const result = events.at(-1);
       assert.deepEqual([result.subtype, result.is_error, result.result, result.num_turns], [
         "success",
@@ -2837,6 +2915,12 @@ section("8–9. The offline demo and the command line", 5, () => {
         "Seen: true",
         api.requests.length,
       ]);
+      assert.deepEqual(result.errors, []);
+      for (const field of ["duration_api_ms", "total_cost_usd", "duration_ms"]) {
+        assert.equal(typeof result[field], "number", field);
+      }
+      assert.deepEqual(result.permission_denials, []);
+      assert.equal(result.stop_reason, "end_turn");
     } finally {
       await api.close();
     }
@@ -2871,8 +2955,13 @@ section("8–9. The offline demo and the command line", 5, () => {
       }).exited;
       assert.equal(dead.code, 1);
       const failed = JSON.parse(dead.stdout);
-      assert.deepEqual([failed.subtype, failed.is_error], ["error", true]);
+      assert.deepEqual([failed.subtype, failed.is_error], ["error_during_execution", true]);
       assert.match(failed.result, /^cannot reach the API/);
+      assert.deepEqual(
+        failed.errors,
+        [failed.result],
+        "the SDK reads errors on every error result",
+      );
     },
   );
 
@@ -2902,45 +2991,55 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
-  test("scripting: --input-format stream-json: messages, kill and interrupt, bad lines, EOF", async () => {
+  test("scripting: --input-format stream-json: a result per turn, stop_task, interrupt, bad lines, EOF", async () => {
     const dir = workspace();
     const api = await startFakeApi((body) => {
-      const last = JSON.stringify(body.messages.at(-1));
+      const content = body.messages.at(-1)!.content;
+      const last = JSON.stringify(typeof content === "string" ? content : content.at(-1));
       if (last.includes("think forever")) return { stall: true };
       if (last.includes("start it")) {
         return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
       }
       if (last.includes("tool_result")) return scriptedReply("Started.");
-      return scriptedReply(`Heard: ${last.includes("killed") ? "killed" : "other"}`);
+      const all = JSON.stringify(content);
+      return scriptedReply(`Heard: ${all.includes("killed") ? "killed" : "other"}`);
     });
     try {
       const agent = startAgent(
-        ["--input-format", "stream-json", "--output-format", "stream-json"],
-        {
-          cwd: dir,
-          env: api.env,
-        },
+        ["--input-format", "stream-json", "--output-format", "stream-json", "--verbose"],
+        { cwd: dir, env: api.env },
       );
       const send = (line: unknown) =>
         agent.child.stdin.write((typeof line === "string" ? line : JSON.stringify(line)) + "\n");
+      const results = () =>
+        agent.output().split("\n").filter((l) => l.startsWith('{"type":"result"'));
       send("this is not json");
+      send("null");
+      send("[1, 2]");
       send({ type: "nonsense" });
+      send({ type: "control_request", request_id: "c0", request: { subtype: "frobnicate" } });
       send({ type: "user", message: { role: "user", content: "start it" } });
-      await eventually(() => agent.output().includes('"subtype":"started"'), "the task");
-      const id = agent.output().match(/"subtype":"started","task_id":"(\w{8})"/)![1];
-      await eventually(() => agent.output().includes("Started."), "the turn's end");
-      send({ type: "control", subtype: "kill", task_id: id });
-      await eventually(() => agent.output().includes('"subtype":"ended"'), "the end");
+      await eventually(() => agent.output().includes('"subtype":"task_started"'), "the task");
+      const id = agent.output().match(/"subtype":"task_started","task_id":"(\w{8})"/)![1];
+      await eventually(() => results().length === 1, "the first turn's result");
+      send({
+        type: "control_request",
+        request_id: "c1",
+        request: { subtype: "stop_task", task_id: id },
+      });
+      await eventually(() => agent.output().includes('"request_id":"c1"'), "the stop's answer");
       send({ type: "user", message: { role: "user", content: [{ type: "text", text: "and?" }] } });
       await eventually(() => agent.output().includes("Heard: killed"), "the end, reported");
       const calls = api.requests.length;
       send({ type: "user", message: { role: "user", content: "think forever" } });
       await eventually(() => api.requests.length > calls, "the slow call");
-      send({ type: "control", subtype: "interrupt" });
+      send({ type: "control_request", request_id: "c2", request: { subtype: "interrupt" } });
       await eventually(
-        () => agent.output().includes('"subtype":"interrupt","ok":true'),
-        "the stop",
+        () => agent.output().includes('"request_id":"c2"'),
+        "the interrupt's answer",
       );
+      send({ type: "user", message: { role: "user", content: "and now?" } });
+      await eventually(() => results().length === 4, "a turn after the interrupt");
       agent.child.stdin.end();
       const { code, stdout } = await agent.exited;
       assert.equal(code, 0, agent.output());
@@ -2948,12 +3047,34 @@ section("8–9. The offline demo and the command line", 5, () => {
       const errors = events.filter((e) => e.type === "error");
       assert.deepEqual(errors.map((e) => e.message), [
         "not valid JSON",
+        "a line must be a JSON object",
+        "a line must be a JSON object",
         'unknown line type: "nonsense"',
       ]);
-      const [kill, interrupt] = events.filter((e) => e.type === "control_response");
-      assert.deepEqual([kill.subtype, kill.task_id, kill.ok], ["kill", id, true]);
-      assert.deepEqual([interrupt.subtype, interrupt.ok], ["interrupt", true]);
-      assert.equal(events.at(-1).subtype, "success");
+      const answers = events.filter((e) => e.type === "control_response").map((e) => e.response);
+      assert.deepEqual(answers.map((a) => [a.request_id, a.subtype]), [
+        ["c0", "error"],
+        ["c1", "success"],
+        ["c2", "success"],
+      ]);
+      assert.match(answers[0].error, /frobnicate/);
+      const order = events.map((e) => e.subtype ?? e.type);
+      const stopAnswer = events.findIndex((e) => e.response?.request_id === "c1");
+      const stopped = events.findIndex((e) => e.subtype === "task_notification");
+      assert.ok(stopped >= 0 && stopped < stopAnswer, `notification before the answer: ${order}`);
+      assert.equal(events[stopped].status, "stopped");
+      assert.equal(events.filter((e) => e.subtype === "task_notification").length, 1);
+      const turnResults = events.filter((e) => e.type === "result");
+      assert.deepEqual(turnResults.map((r) => [r.subtype, r.is_error]), [
+        ["success", false],
+        ["success", false],
+        ["error_during_execution", true],
+        ["success", false],
+      ]);
+      assert.deepEqual(turnResults[2].errors, ["interrupted"]);
+      const interruptAnswer = events.findIndex((e) => e.response?.request_id === "c2");
+      assert.ok(events.indexOf(turnResults[2]) < interruptAnswer, "the result, then the answer");
+      assert.equal(turnResults[3].result, "Heard: other");
     } finally {
       await api.close();
     }
@@ -3364,7 +3485,10 @@ section("8–9. The offline demo and the command line", 5, () => {
             const next = paragraph[i + 1].split(" ")[0];
             assert.ok(row.length + 1 + next.length >= columns - 1, `row ${i} is filled: ${row}`);
           }
-          assert.ok(answerRows.includes("x".repeat(columns - 1)), `a word wider than a row:\n${answerRows.join("\n")}`);
+          assert.ok(
+            answerRows.includes("x".repeat(columns - 1)),
+            `a word wider than a row:\n${answerRows.join("\n")}`,
+          );
           await agent.kill();
         } finally {
           await api.close();

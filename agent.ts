@@ -37,7 +37,8 @@ import process from "node:process";
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
 //   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
 //   callModel, LoopOptions       messages in, reply out (cached, retried); a turn's needs (9)
-//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam   the messages' types (9)
+//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam, UserContent   message types (9)
+//   CUT_OFF_STOPS                the stop reasons that may cut a tool call off (9)
 //   InterruptedError, INTERRUPTED_NOTE, untilAborted   Ctrl-C ends a turn or a wait (9)
 // ===========================================================================
 
@@ -260,11 +261,12 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
  */
 export async function agentLoop(
   history: MessageParam[],
-  userText: string | null,
+  userText: string | UserContent | null,
   options: LoopOptions,
 ): Promise<string> {
-  if (userText !== null) appendUserText(history, userText);
-  let finalText = "", somethingNew = Boolean(userText?.trim()); // woken (null): the queue only
+  let finalText = "";
+  let somethingNew = userText !== null && appendUserText(history, userText); // null: woken
+
   try {
     while (true) {
       // 1. Drain the queue: what happened in the background goes in before the call.
@@ -294,8 +296,8 @@ export async function agentLoop(
 /** Step 1: what the background reported enters the conversation as one block. */
 export function injectBackgroundResults(history: MessageParam[], bg: BackgroundManager): boolean {
   const notifications = bg.drain();
-  if (notifications.length > 0) appendUserText(history, formatBackgroundResults(notifications));
-  return notifications.length > 0;
+  return notifications.length > 0 &&
+    appendUserText(history, formatBackgroundResults(notifications));
 }
 
 /**
@@ -312,12 +314,17 @@ export function formatBackgroundResults(notifications: Notification[]): string {
  * Adds harness text to the last user message, or as a new one. Where the tutorial differs: it
  * then adds an assistant turn "Noted background results."; a request must end on a user turn.
  */
-export function appendUserText(history: MessageParam[], text: string): void {
-  if (text.trim() === "") return; // the API rejects blank text blocks
+export function appendUserText(history: MessageParam[], text: string | UserContent): boolean {
+  const blocks: UserContent = typeof text === "string" ? [{ type: "text", text }] : text;
+  const kept = blocks.filter((b) => b.type !== "text" || b.text.trim() !== ""); // blank: invalid
+  if (kept.length === 0) return false;
   if (history.at(-1)?.role !== "user") history.push({ role: "user", content: [] });
   const last = history.at(-1)!;
-  if (typeof last.content === "string") last.content = [{ type: "text", text: last.content }];
-  last.content.push({ type: "text", text });
+  const content: Anthropic.ContentBlockParam[] = typeof last.content === "string"
+    ? [{ type: "text", text: last.content }]
+    : last.content;
+  last.content = [...content, ...kept];
+  return true;
 }
 
 /** Reports that came in during the call go on now; one-shot mode also waits for running tasks. */
@@ -339,8 +346,8 @@ function recordReply(history: MessageParam[], reply: ModelReply): string {
 async function runToolCalls(calls: ToolCall[], reply: ModelReply, options: LoopOptions) {
   const results: ToolResultBlockParam[] = [];
   for (const call of calls) {
-    // A reply cut off by max_tokens may end in a tool call whose input is cut off too.
-    const cutOff = reply.stop_reason === "max_tokens" && call === calls.at(-1);
+    // A reply cut off (max_tokens, or the context window) may end in a cut-off tool call.
+    const cutOff = CUT_OFF_STOPS.includes(reply.stop_reason ?? "") && call === calls.at(-1);
     results.push(await runTool(call, options, cutOff));
   }
   return results;
@@ -846,6 +853,11 @@ export class OutputBuffer {
       chunk = chunk.subarray(take);
     }
     if (chunk.length > 0) this.tail.push(chunk);
+  }
+
+  /** Bytes printed but no longer kept (between the head and the tail). */
+  omittedBytes(): number {
+    return Math.max(0, this.totalBytes - this.headBytes - this.tail.keptBytes);
   }
 
   /** All the kept output as text, with one line where bytes were left out. */
@@ -1928,6 +1940,12 @@ export interface ToolContext {
   signal?: AbortSignal;
   /** Who watches the turn. */
   events?: LoopEvents;
+  /** The tools the model may use (default TOOLS). */
+  tools?: ToolDefinition[];
+  /** Asked before each call runs: a reason to refuse it, or the input to run it with. */
+  permit?: (call: ToolCall) => Promise<{ deny: string } | { input: unknown }>;
+  /** The id of the tool call being run (a task it starts is said to come from it). */
+  toolUseId?: string;
 }
 
 /** One input field of a tool, as its JSON schema says. */
@@ -2315,8 +2333,8 @@ export interface ToolOutcome {
 }
 
 /** Said instead of running a tool call whose input max_tokens may have cut off. */
-const CUT_OFF_TOOL_CALL = "Error: not run: your reply hit max_tokens before this tool " +
-  "call's input was complete. Send it again, shorter.";
+const CUT_OFF_TOOL_CALL = "Error: not run: your reply was cut off (max_tokens, or the " +
+  "context window) before this tool call's input was complete. Send it again, shorter.";
 
 /**
  * Runs one tool call and answers it with a tool_result. Never throws: every failure, an
@@ -2326,16 +2344,22 @@ export async function runTool(
   call: ToolCall,
   context: ToolContext,
   cutOff = false,
-  tools = TOOLS,
+  tools = context.tools ?? TOOLS,
 ): Promise<ToolResultBlockParam> {
   const events = context.events ?? {};
   let outcome: ToolOutcome;
+  const permission = cutOff || context.signal?.aborted || !context.permit
+    ? { input: call.input }
+    : await context.permit(call);
   if (cutOff) outcome = { isError: true, content: CUT_OFF_TOOL_CALL };
   else if (context.signal?.aborted) {
     outcome = { isError: true, content: "Error: not run: interrupted by the user" };
+  } else if ("deny" in permission) {
+    outcome = { isError: true, content: `Error: not run: ${permission.deny}` };
   } else {
-    events.onToolCall?.(call.name, call.input);
-    outcome = await runToolHandler(call.name, call.input, context, tools);
+    events.onToolCall?.(call.name, permission.input, call.id);
+    const callContext = { ...context, toolUseId: call.id };
+    outcome = await runToolHandler(call.name, permission.input, callContext, tools);
   }
   // Interrupted: the model hears how it ended; the user sees one "(interrupted)" line.
   if (!context.signal?.aborted) events.onToolResult?.(call.name, outcome);
@@ -2394,6 +2418,12 @@ export type ToolUseBlockParam = Anthropic.ToolUseBlockParam;
 export type ToolResultBlockParam = Anthropic.ToolResultBlockParam;
 /** A tool's schema as the API takes it (the SDK's type). */
 export type ToolSchema = Anthropic.Tool;
+/** What a user message may hold: text, images and documents (the SDK's types). */
+export type UserContent = Array<
+  Anthropic.TextBlockParam | Anthropic.ImageBlockParam | Anthropic.DocumentBlockParam
+>;
+/** Stop reasons that cut a reply off mid-block: its last tool call may be incomplete. */
+const CUT_OFF_STOPS = ["max_tokens", "model_context_window_exceeded"];
 
 /** A reply block, as the history keeps it: text, or a tool call whose input is an object. */
 export type ReplyBlock = TextBlockParam | ToolUseBlockParam;
@@ -2432,6 +2462,10 @@ export interface ModelReply {
   stop_reason: string | null;
   /** What it cost. */
   usage: Usage;
+  /** The API's message id and model, when a real API answered. */
+  id?: string;
+  /** The model that answered. */
+  model?: string;
 }
 
 /** How one call is made: cancellable, streamed, and with a word when it is retried. */
@@ -2477,6 +2511,12 @@ export interface LoopOptions {
   maxTurns?: number;
   /** The context window in tokens (default 200,000); old tool results are cleared before. */
   contextWindow?: number;
+  /** The system prompt, in place of systemPrompt(workdir). */
+  system?: string;
+  /** The tools the model may use (default TOOLS). */
+  tools?: ToolDefinition[];
+  /** Asked before each tool call runs (see ToolContext). */
+  permit?: ToolContext["permit"];
 }
 
 /** What a user interface sees of a turn, as it happens. */
@@ -2490,7 +2530,7 @@ export interface LoopEvents {
   /** A whole reply. */
   onReply?: (reply: ModelReply) => void;
   /** A tool call, before it runs. */
-  onToolCall?: (name: string, input: unknown) => void;
+  onToolCall?: (name: string, input: unknown, id: string) => void;
   /** Its result. */
   onToolResult?: (name: string, outcome: ToolOutcome) => void;
 }
@@ -2554,8 +2594,8 @@ export class ApiError extends Error {
   }
 }
 
-/** Schemas as the API wants them, built once: the same tools in every request. */
-let toolSchemasOnce: ToolSchema[] | null = null;
+/** Schemas as the API wants them, built once per tool list: the same in every request. */
+const schemasOf = new WeakMap<ToolDefinition[], ToolSchema[]>();
 
 /**
  * One model call for the loop: the request with cache breakpoints (after clearing old tool
@@ -2580,7 +2620,7 @@ async function callModel(
   if (used > window * 0.75) clearOldToolResults(history, used - window * 0.5);
   let reply: ModelReply;
   try {
-    reply = await options.model.createMessage(buildRequest(history, options.workdir), call);
+    reply = await options.model.createMessage(buildRequest(history, options), call);
   } catch (err) {
     const limit = promptTooLong(err);
     if (limit === null) throw err;
@@ -2591,7 +2631,7 @@ async function callModel(
       `the prompt was too long for the model; cleared ${cleared} old tool ` +
         "results and trying once more",
     );
-    reply = await options.model.createMessage(buildRequest(history, options.workdir), call);
+    reply = await options.model.createMessage(buildRequest(history, options), call);
   }
   reply = { ...reply, content: reply.content.map(toHistoryBlock) };
   if (stats) addUsage(stats, reply.usage);
@@ -2604,7 +2644,7 @@ async function callModel(
  * breakpoints where the next call can read them back: after the system prompt, at the end of
  * the previous request (the user message before the last reply), and at the very end.
  */
-function buildRequest(history: MessageParam[], workdir: string): ModelRequest {
+function buildRequest(history: MessageParam[], options: LoopOptions): ModelRequest {
   const cache = { type: "ephemeral" as const };
   const messages = [...history];
   const lastAssistant = messages.map((m) => m.role).lastIndexOf("assistant");
@@ -2621,11 +2661,13 @@ function buildRequest(history: MessageParam[], workdir: string): ModelRequest {
     content[last] = { ...content[last], cache_control: cache } as Anthropic.ContentBlockParam;
     messages[index] = { ...message, content };
   }
-  toolSchemasOnce ??= toolSchemas();
+  const tools = options.tools ?? TOOLS;
+  if (!schemasOf.has(tools)) schemasOf.set(tools, toolSchemas(tools));
+  const system = options.system ?? systemPrompt(options.workdir);
   return {
-    system: [{ type: "text", text: systemPrompt(workdir), cache_control: cache }],
+    system: [{ type: "text", text: system, cache_control: cache }],
     messages,
-    tools: toolSchemasOnce,
+    tools: schemasOf.get(tools)!,
     max_tokens: MAX_OUTPUT_TOKENS,
   };
 }
@@ -2858,6 +2900,8 @@ async function streamOnce(
       ),
       stop_reason: message.stop_reason,
       usage: message.usage,
+      id: message.id,
+      model: message.model,
     };
   } catch (err) {
     throw stalled.signal.aborted && !signal?.aborted ? new StreamStalled() : err;
@@ -3206,6 +3250,20 @@ export interface CliOptions {
   keepLogs: boolean;
   /** --help. */
   help: boolean;
+  /** What tools may do: --allowedTools, --disallowedTools, --permission-mode, -prompt-tool. */
+  permissions: PermissionRules;
+  /** --append-system-prompt, added to the system prompt; --system-prompt, in its place. */
+  appendSystemPrompt: string | null;
+  /** --system-prompt. */
+  systemPrompt: string | null;
+  /** --max-budget-usd: a turn that spends past it ends. */
+  maxBudgetUsd: number | null;
+  /** --resume ID, --continue, --session-id UUID: which conversation. */
+  resume: string | null;
+  /** --continue. */
+  continueLast: boolean;
+  /** --session-id. */
+  sessionId: string | null;
 }
 
 /** The options parseArgs knows, with their types. */
@@ -3222,6 +3280,20 @@ const CLI_OPTIONS = {
   "no-wake": { type: "boolean" },
   "keep-logs": { type: "boolean" },
   help: { type: "boolean", short: "h" },
+  // What the Claude Agent SDK passes (always --verbose; options as --flag=value).
+  verbose: { type: "boolean" },
+  allowedTools: { type: "string", multiple: true },
+  "allowed-tools": { type: "string", multiple: true },
+  disallowedTools: { type: "string", multiple: true },
+  "disallowed-tools": { type: "string", multiple: true },
+  "permission-mode": { type: "string" },
+  "permission-prompt-tool": { type: "string" },
+  "append-system-prompt": { type: "string" },
+  "system-prompt": { type: "string" },
+  "max-budget-usd": { type: "string" },
+  resume: { type: "string", short: "r" },
+  continue: { type: "boolean", short: "c" },
+  "session-id": { type: "string" },
 } as const;
 
 /** The command line, parsed by node:util's parseArgs (both runtimes have it). */
@@ -3249,8 +3321,21 @@ export function parseArgs(args: string[]): CliOptions {
   if (maxTurns !== null && !(Number.isInteger(maxTurns) && maxTurns > 0)) {
     throw new Error("--max-turns needs a whole number above 0");
   }
+  const mode = values["permission-mode"] ?? "default";
+  if (!PERMISSION_MODES.includes(mode as PermissionMode)) {
+    throw new Error(`--permission-mode is one of ${PERMISSION_MODES.join(", ")}, not "${mode}"`);
+  }
+  const promptTool = values["permission-prompt-tool"];
+  if (promptTool !== undefined && promptTool !== "stdio") {
+    throw new Error(
+      `--permission-prompt-tool takes only "stdio" (ask the client), not "${promptTool}"`,
+    );
+  }
+  const budget = values["max-budget-usd"] === undefined ? null : Number(values["max-budget-usd"]);
+  if (budget !== null && !(budget > 0)) throw new Error("--max-budget-usd needs an amount above 0");
+  const inputFormatIsStream = values["input-format"] === "stream-json";
   const options: CliOptions = {
-    print: (values.print ?? false) || positionals.length > 0,
+    print: !inputFormatIsStream && ((values.print ?? false) || positionals.length > 0),
     prompt: positionals[0] ?? null,
     outputFormat: outputFormat as CliOptions["outputFormat"],
     inputFormat: inputFormat as CliOptions["inputFormat"],
@@ -3262,7 +3347,28 @@ export function parseArgs(args: string[]): CliOptions {
     wake: !values["no-wake"],
     keepLogs: values["keep-logs"] ?? false,
     help: values.help ?? false,
+    permissions: {
+      allowed: toolNamesFrom("--allowedTools", [
+        ...values.allowedTools ?? [],
+        ...values["allowed-tools"] ?? [],
+      ]),
+      disallowed: toolNamesFrom("--disallowedTools", [
+        ...values.disallowedTools ?? [],
+        ...values["disallowed-tools"] ?? [],
+      ]),
+      mode: mode as PermissionMode,
+      askClient: promptTool === "stdio",
+    },
+    appendSystemPrompt: values["append-system-prompt"] ?? null,
+    systemPrompt: values["system-prompt"] ?? null,
+    maxBudgetUsd: budget,
+    resume: values.resume ?? null,
+    continueLast: values.continue ?? false,
+    sessionId: values["session-id"] ?? null,
   };
+  if (options.permissions.askClient && !inputFormatIsStream) {
+    throw new Error("--permission-prompt-tool stdio needs --input-format stream-json (a client)");
+  }
   checkFormats(options);
   return options;
 }
@@ -3510,6 +3616,14 @@ interface Session {
   cleanups: Array<() => void>;
   /** The part of the program in front of the user now; each mode sets it as it starts. */
   foreground: Foreground;
+  /** --keep-logs: task logs stay after exit (and results name them). */
+  keepLogs: boolean;
+  /** The tools offered (--disallowedTools takes some away). */
+  tools: ToolDefinition[];
+  /** A system prompt the client gave (initialize), in place of ours. */
+  system?: string;
+  /** Moves the running foreground command to the background; false when none runs. */
+  handOff(toolUseId?: string): boolean;
 }
 
 /**
@@ -3523,6 +3637,8 @@ interface Foreground {
   taskStarted?(task: BackgroundTask): void;
   /** A notice: ready, quiet, waiting for input, or the one "ended". */
   notice?(notification: Notification, task: BackgroundTask): void;
+  /** A signal ends the agent: these tasks were ended on the way out (scripts are told). */
+  farewell?(killed: BackgroundTask[], code: number): void;
 }
 
 /** The foreground of no mode in particular: Ctrl-C quits, task events show nowhere. */
@@ -3535,7 +3651,17 @@ function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions 
   const { model, background, stats, config, stopping } = session;
   const signal = more.signal ? AbortSignal.any([more.signal, stopping.signal]) : stopping.signal;
   const limits = { maxTurns: session.maxTurns ?? undefined, contextWindow: config.contextWindow };
-  return { model, background, stats, workdir: config.workdir, ...limits, ...more, signal };
+  const asked = { system: session.system, tools: session.tools };
+  return {
+    model,
+    background,
+    stats,
+    workdir: config.workdir,
+    ...limits,
+    ...asked,
+    ...more,
+    signal,
+  };
 }
 
 /**
@@ -3547,9 +3673,14 @@ async function exitCleanly(session: Session, code: number, why = ""): Promise<ne
   session.stopping.abort(); // from now on, tasks killed wake nothing and print nothing
   session.out.finish();
   session.err.finish();
-  const running = session.background.runningCount();
-  if (why && running > 0) session.err.line(`${why}: ending ${running} running task(s).`, "dim");
+  const running = [...session.background.tasks.values()]
+    .filter((t) => t.process.status === "running");
+  if (why && running.length > 0) {
+    session.err.line(`${why}: ending ${running.length} running task(s).`, "dim");
+  }
   await ShellProcess.killAll();
+  await Promise.race([Promise.all(running.map((t) => t.ended)), sleep(KILL_GRACE_MS)]);
+  if (code >= 128) session.foreground.farewell?.(running, code); // a signal: scripts hear it
   for (const cleanup of session.cleanups) {
     try {
       cleanup();
@@ -3617,30 +3748,12 @@ function wrapperParents(parent: number): number[] {
   }
 }
 
-/** Writes one JSON object per line on stdout, as it happens (stream-json). */
-function emit(event: Record<string, unknown>): void {
-  if (process.stdout.writable) process.stdout.write(wellFormed(JSON.stringify(event)) + "\n");
-}
-
-/** A task as scripts see it: id, command, state, exit code, duration, the log if it is kept. */
-function taskJson(task: BackgroundTask, keepLogs: boolean) {
-  const p = task.process;
-  return {
-    task_id: task.id,
-    command: p.command,
-    status: p.status,
-    exit_code: p.exitCode,
-    duration_ms: Math.round(secondsOf(p) * 1000),
-    ...(keepLogs && p.log && p.log.bytesWritten > 0 ? { log: p.log.file } : {}),
-  };
-}
-
-/** How a run ended, as scripts read it, and the exit code for each. */
-type RunEnd = { subtype: "success" | "error" | "error_max_turns"; result: string };
-const EXIT_CODES: Record<RunEnd["subtype"], number> = {
+/** The exit code for each way a run ends. */
+const EXIT_CODES: Record<TurnEnd["subtype"], number> = {
   success: 0,
-  error: 1,
+  error_during_execution: 1,
   error_max_turns: EXIT_MAX_TURNS,
+  error_max_budget_usd: 1,
 };
 
 /**
@@ -3649,120 +3762,60 @@ const EXIT_CODES: Record<RunEnd["subtype"], number> = {
  */
 async function finishRun(
   session: Session,
-  end: RunEnd,
+  end: TurnEnd,
   format: CliOptions["outputFormat"],
-  keepLogs: boolean,
+  turn: TurnMeter,
 ): Promise<never> {
   await stopAll(session.background); // past --max-turns or an error, tasks still run
   session.out.endLine();
-  if (format !== "text") emit(resultJson(session, end, keepLogs));
+  session.foreground = quitOnInterrupt(session); // the result is written: no second one
+  if (format !== "text") emit(resultMessage(session, end, turn));
   else if (end.subtype !== "success") session.err.line(`error: ${end.result}`);
   return exitCleanly(session, EXIT_CODES[end.subtype]);
-}
-
-/** The last line of every scripted run (and --output-format json's one object). */
-function resultJson(session: Session, outcome: RunEnd, keepLogs: boolean) {
-  const { stats } = session;
-  return {
-    type: "result",
-    subtype: outcome.subtype,
-    is_error: outcome.subtype !== "success",
-    result: wellFormed(outcome.result),
-    num_turns: stats.modelCalls,
-    duration_ms: Date.now() - session.startedAt,
-    usage: {
-      input_tokens: stats.inputTokens,
-      output_tokens: stats.outputTokens,
-      cache_creation_input_tokens: stats.cacheCreationTokens,
-      cache_read_input_tokens: stats.cacheReadTokens,
-    },
-    total_cost_usd: estimateCost(session.config.model, stats),
-    max_context_tokens: stats.maxContextTokens,
-    session_id: session.id,
-    tasks: [...session.background.tasks.values()].map((t) => taskJson(t, keepLogs)),
-  };
-}
-
-/** stream-json: every model reply, what the harness sends, and every task change, as lines. */
-function streamEvents(session: Session): LoopEvents {
-  const session_id = session.id;
-  return {
-    onModelCall: (messages) => {
-      const last = messages?.at(-1);
-      if (last?.role === "user") emit({ type: "user", message: last, session_id });
-    },
-    onReply: (reply) =>
-      emit({
-        type: "assistant",
-        message: { role: "assistant", content: reply.content, stop_reason: reply.stop_reason },
-        usage: reply.usage,
-        session_id,
-      }),
-    onRetry: retryLine(session),
-  };
-}
-
-/** Task events for the stream: started, ready, quiet, input, ended (exactly one per task). */
-function streamTaskEvents(session: Session, keepLogs: boolean) {
-  const session_id = session.id;
-  const taskStarted = (task: BackgroundTask) =>
-    emit({
-      type: "task",
-      subtype: "started",
-      task_id: task.id,
-      command: task.process.command,
-      session_id,
-    });
-  const notice = (n: Notification, task: BackgroundTask) => {
-    if (n.kind !== "ended") {
-      const line = n.kind === "ready" ? { line: task.process.readyLine } : { text: n.text };
-      return emit({ type: "task", subtype: n.kind, task_id: task.id, ...line, session_id });
-    }
-    const { task_id: _, ...fields } = taskJson(task, keepLogs);
-    emit({
-      type: "task",
-      subtype: "ended",
-      task_id: task.id,
-      ...fields,
-      preview: endPreview(task.process),
-      session_id,
-    });
-  };
-  return { taskStarted, notice };
 }
 
 /** One-shot: run the prompt to the end (background tasks too), print the answer, exit. */
 async function runOneShot(session: Session, prompt: string, options: CliOptions): Promise<never> {
   const format = options.outputFormat;
+  const turn = new TurnMeter(session.stats);
   let events: LoopEvents;
   if (format === "stream-json") {
-    emit(initEvent(session));
+    const writer = new StreamWriter(session);
+    writer.init(options.permissions.mode);
     session.foreground = {
       ...quitOnInterrupt(session),
-      ...streamTaskEvents(session, options.keepLogs),
+      taskStarted: (task) => writer.taskStarted(task),
+      notice: (n, task) => writer.notice(n, task),
+      farewell: (killed, code) => writer.farewell(killed, code, turn),
     };
-    events = streamEvents(session);
+    events = writer.loopEvents(turn);
   } else if (format === "json") {
-    events = { onRetry: retryLine(session) };
+    events = {
+      onRetry: retryLine(session),
+      onModelCall: () => turn.startCall(),
+      onReply: (reply) => turn.endCall(reply),
+    };
+    session.foreground = {
+      ...quitOnInterrupt(session),
+      farewell: (_killed, code) => emit(resultMessage(session, signalledEnd(code), turn)),
+    };
   } else {
     session.foreground = { ...quitOnInterrupt(session), notice: noticeLine(session) };
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
-  const finished = await runToEnd(session, prompt, events);
-  return finishRun(session, finished, format, options.keepLogs);
+  const permit = (call: ToolCall) => decide(options.permissions, call, turn, refuseAsking);
+  const finished = await runToEnd(session, prompt, events, permit);
+  return finishRun(session, finished, format, turn);
 }
 
-/** The stream's first line. */
-function initEvent(session: Session) {
-  return {
-    type: "system",
-    subtype: "init",
-    session_id: session.id,
-    model: session.model.name,
-    cwd: session.config.workdir,
-    tools: TOOLS.map((t) => t.name),
-    version: VERSION,
-  };
+/** -p has no client to ask: a tool that would need asking is refused. */
+function refuseAsking(call: ToolCall): Promise<{ deny: string }> {
+  return Promise.resolve({ deny: `${call.name} needs a client to ask (stream-json input)` });
+}
+
+/** The result of a run that a signal ended. */
+function signalledEnd(code: number): TurnEnd {
+  return { subtype: "error_during_execution", result: `ended by a signal (exit ${code})` };
 }
 
 /** -p on a terminal: while the model waits for background tasks, one live status line. */
@@ -3788,14 +3841,15 @@ async function runToEnd(
   session: Session,
   userText: string | null,
   events: LoopEvents,
-): Promise<RunEnd> {
+  permit?: LoopOptions["permit"],
+): Promise<TurnEnd> {
   try {
-    const options = loopOptions(session, { waitForBackground: true, events });
+    const options = loopOptions(session, { waitForBackground: true, events, permit });
     return { subtype: "success", result: await agentLoop(session.history, userText, options) };
   } catch (error) {
     if (session.stopping.signal.aborted) return new Promise<never>(() => {}); // a signal ends it
     session.err.stopSpinner();
-    const subtype = error instanceof MaxTurnsError ? "error_max_turns" : "error";
+    const subtype = error instanceof MaxTurnsError ? "error_max_turns" : "error_during_execution";
     return { subtype, result: (error as Error).message };
   }
 }
@@ -3829,118 +3883,6 @@ async function oneShotPrompt(argument: string | null): Promise<string> {
   const stdin = input.trim();
   if (argument === null) return stdin;
   return stdin === "" ? argument : `${stdin}\n\n${argument}`;
-}
-
-/**
- * --input-format stream-json: each stdin line is a user message or a control line (kill,
- * interrupt); each gets its answer in the output stream. End of input: wait for running
- * tasks, report them to the model, print the result, exit.
- */
-class StreamSession {
-  private queue: Array<string | null> = [];
-  private busy = false;
-  private inputClosed = false;
-  private turn: AbortController | null = null;
-  private lastText = "";
-  private failed: RunEnd | null = null;
-
-  constructor(private session: Session, private keepLogs: boolean) {}
-
-  start(): void {
-    emit(initEvent(this.session));
-    const stream = streamTaskEvents(this.session, this.keepLogs);
-    this.session.foreground = {
-      ...quitOnInterrupt(this.session),
-      taskStarted: stream.taskStarted,
-      notice: (n, task) => {
-        stream.notice(n, task);
-        if (!this.busy && !this.session.killedByUser.has(task.id)) this.enqueue(null);
-      },
-    };
-    const rl = readline.createInterface({ input: process.stdin, terminal: false });
-    rl.on("line", (line) => this.onLine(line));
-    rl.on("close", () => {
-      this.inputClosed = true;
-      this.enqueue(undefined);
-    });
-  }
-
-  private onLine(line: string): void {
-    if (line.trim() === "") return;
-    let message: { type?: string; subtype?: string; task_id?: string; message?: unknown };
-    try {
-      message = JSON.parse(line);
-    } catch {
-      return emit({ type: "error", message: "not valid JSON", line: cutText(line, 200) });
-    }
-    const content = (message.message as { content?: unknown } | undefined)?.content;
-    if (message.type === "user" && (typeof content === "string" || Array.isArray(content))) {
-      const text = typeof content === "string"
-        ? content
-        : content.flatMap((b) => (b?.type === "text" && typeof b.text === "string" ? [b.text] : []))
-          .join("\n");
-      return this.enqueue(text);
-    }
-    if (message.type === "control" && message.subtype === "interrupt") {
-      this.turn?.abort();
-      return emit({ type: "control_response", subtype: "interrupt", ok: this.turn !== null });
-    }
-    if (message.type === "control" && message.subtype === "kill") {
-      const task = this.session.background.tasks.get(String(message.task_id));
-      const ok = task ? killForUser(this.session, task) : false;
-      const why = task
-        ? (ok ? "killing" : `not running: ${stateText(task.process)}`)
-        : "unknown id";
-      return emit({
-        type: "control_response",
-        subtype: "kill",
-        task_id: message.task_id,
-        ok,
-        message: why,
-      });
-    }
-    emit({ type: "error", message: `unknown line type: ${JSON.stringify(message.type)}` });
-  }
-
-  /** A turn (text), a wake-up (null) or the end of input (undefined), one at a time. */
-  private enqueue(item: string | null | undefined): void {
-    if (item !== undefined) this.queue.push(item);
-    void this.process();
-  }
-
-  private async process(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
-    while (this.queue.length > 0 && !this.session.stopping.signal.aborted) {
-      const text = this.queue.shift()!;
-      if (text === null && !this.session.background.queue.length) continue;
-      this.turn = new AbortController();
-      const events = streamEvents(this.session);
-      try {
-        const options = loopOptions(this.session, { signal: this.turn.signal, events });
-        this.lastText = await agentLoop(this.session.history, text, options);
-      } catch (err) {
-        if (this.session.stopping.signal.aborted) return;
-        if (err instanceof MaxTurnsError) {
-          this.failed = { subtype: "error_max_turns", result: err.message };
-        } else if (!(err instanceof InterruptedError)) {
-          emit({ type: "error", message: (err as Error).message });
-        }
-      } finally {
-        this.turn = null;
-      }
-      if (this.failed) break;
-    }
-    this.busy = false;
-    if (this.inputClosed || this.failed) await this.finish();
-  }
-
-  private async finish(): Promise<void> {
-    this.busy = true;
-    const end = this.failed ?? await runToEnd(this.session, null, streamEvents(this.session));
-    if (end.subtype === "success" && end.result === "") end.result = this.lastText;
-    return void finishRun(this.session, end, "stream-json", this.keepLogs);
-  }
 }
 
 /**
@@ -4129,8 +4071,9 @@ class Repl {
   private async finishInput(): Promise<void> {
     if (this.interactive) return void exitCleanly(this.session, 0, "Ctrl-D");
     this.busy = true;
+    const turn = new TurnMeter(this.session.stats);
     const end = await runToEnd(this.session, null, loopEventsFor(this.session));
-    return void finishRun(this.session, end, "text", false);
+    return void finishRun(this.session, end, "text", turn);
   }
 }
 
@@ -4347,7 +4290,14 @@ export async function main(args: string[]): Promise<void> {
   const hasKey = Boolean(config.apiKey || config.authToken);
   if (hasKey && !options.demo && !denoPermissionsGranted(["net"], false)) process.exit(2);
   if (!hasKey && !options.demo && (options.print || options.inputFormat === "stream-json")) {
-    return failWithoutKey(options);
+    return failBeforeStart(options, NO_KEY);
+  }
+  if (options.resume !== null || options.continueLast || options.sessionId !== null) {
+    return failBeforeStart(
+      options,
+      "--resume, --continue and --session-id: this agent does " +
+        "not save conversations yet, so there is none to resume; start without them",
+    );
   }
   let prompt: string | null = null;
   if (options.print) {
@@ -4365,21 +4315,41 @@ export async function main(args: string[]): Promise<void> {
   const session = startSession(options, config, hasKey);
   if (prompt !== null) await runOneShot(session, prompt, options);
   if (options.inputFormat === "stream-json") {
-    return new StreamSession(session, options.keepLogs).start();
+    const limits = { wake: options.wake, maxBudgetUsd: options.maxBudgetUsd };
+    return new StreamSession(session, options.permissions, limits).start();
   }
   const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
   const skipped = playsDemo ? await playDemo(session) : false;
   new Repl(session, options.wake, skipped).start();
 }
 
-/** No key for a run that needs the API: one line (and, for scripts, the result), exit 2. */
-function failWithoutKey(options: CliOptions): never {
-  const message = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
-    ".env), or pass --demo to run the scripted demo model on purpose.";
+const NO_KEY = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
+  ".env), or pass --demo to run the scripted demo model on purpose.";
+
+/** A run that cannot start: one line (and, for scripts, an error result), exit 2. */
+function failBeforeStart(options: CliOptions, message: string): never {
   process.stderr.write(`error: ${message}\n`);
   if (options.outputFormat !== "text") {
-    const result = { type: "result", subtype: "error", is_error: true, result: message };
-    process.stdout.write(JSON.stringify({ ...result, num_turns: 0, duration_ms: 0 }) + "\n");
+    const noUsage = { input_tokens: 0, output_tokens: 0 };
+    process.stdout.write(
+      JSON.stringify({
+        type: "result",
+        subtype: "error_during_execution",
+        is_error: true,
+        result: message,
+        errors: [message],
+        num_turns: 0,
+        duration_ms: 0,
+        duration_api_ms: 0,
+        stop_reason: null,
+        usage: { ...noUsage, cache_creation_input_tokens: 0, cache_read_input_tokens: 0 },
+        modelUsage: {},
+        total_cost_usd: 0,
+        permission_denials: [],
+        session_id: "",
+        uuid: crypto.randomUUID(),
+      }) + "\n",
+    );
   }
   process.exit(2);
 }
@@ -4388,7 +4358,7 @@ function failWithoutKey(options: CliOptions): never {
 function startSession(options: CliOptions, config: Config, hasKey: boolean): Session {
   const useDemo = options.demo || !hasKey;
   const cleanups: Array<() => void> = [];
-  if (!hasKey && !options.print) { // the demo's REPL never works in your folder
+  if (!hasKey && !options.print && options.inputFormat === "text") { // the demo REPL: never your folder
     config = { ...config, workdir: fs.mkdtempSync(path.join(os.tmpdir(), "s08-demo-")) };
     const demoDir = config.workdir;
     if (options.keepDemo) {
@@ -4423,8 +4393,17 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     killedByUser: new Set(),
     stopping: new AbortController(),
     cleanups,
+    keepLogs: options.keepLogs,
+    tools: TOOLS.filter((t) => !options.permissions.disallowed.has(t.name)),
+    system: options.systemPrompt ?? undefined,
+    handOff: () => false,
     foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
   };
+  if (options.appendSystemPrompt) {
+    session.system = `${
+      session.system ?? systemPrompt(config.workdir)
+    }\n\n${options.appendSystemPrompt}`;
+  }
   if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
   installExitHandlers(session);
   if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
@@ -4460,6 +4439,744 @@ function takeOwnership(keepLogs: boolean, cleanups: Array<() => void>): LogFolde
     if (keepLogs) terminal.err.line(`Task logs kept in ${logs.dir}`);
   });
   return logs;
+}
+
+// ---------------------------------------------------------------------------
+// 13. The stream protocol
+// Adds: what the Claude Agent SDK's query() expects of the executable it spawns (stream-json
+// both ways): its messages (system/init, assistant, user, one result per turn), background
+// tasks as its task events, every control request answered (initialize, interrupt, stop_task,
+// get_task_output, set_model, set_permission_mode, background_tasks) and can_use_tool asked of
+// the client. Where Claude Code says less, extra fields say more: a task's exit code, state
+// and output preview at its end. `-p --output-format stream-json` writes the same messages.
+// ---------------------------------------------------------------------------
+
+/** Writes one JSON object per line on stdout, as it happens. */
+function emit(event: Record<string, unknown>): void {
+  if (process.stdout.writable) process.stdout.write(wellFormed(JSON.stringify(event)) + "\n");
+}
+
+/** What a turn ends with, as the SDK's result subtypes say it. */
+export interface TurnEnd {
+  /** success, or why the turn stopped early. */
+  subtype: "success" | "error_during_execution" | "error_max_turns" | "error_max_budget_usd";
+  /** The model's last text (success) or the error in one line. */
+  result: string;
+}
+
+/** One turn's clock and counters, for its result: model calls, API time, denials. */
+class TurnMeter {
+  readonly startedAt = Date.now();
+  readonly callsBefore: number;
+  readonly usageBefore: LoopStats;
+  apiMs = 0;
+  stopReason: string | null = null;
+  readonly denials: Array<{ tool_name: string; tool_use_id: string; tool_input: unknown }> = [];
+  private callStarted = 0;
+
+  constructor(readonly stats: LoopStats) {
+    this.callsBefore = stats.modelCalls;
+    this.usageBefore = { ...stats };
+  }
+
+  /** A model call starts / its reply came. */
+  startCall(): void {
+    this.callStarted = Date.now();
+  }
+
+  endCall(reply: ModelReply): void {
+    this.apiMs += Date.now() - this.callStarted;
+    this.stopReason = reply.stop_reason;
+  }
+}
+
+/** A cost without float noise ($0.0004773, not 0.00047730000000000005); 0 when unknown. */
+function roundedCost(model: string, stats: LoopStats): number {
+  return Number((estimateCost(model, stats) ?? 0).toFixed(8));
+}
+
+/** The result message: the SDK's fields, then ours (the tasks, the largest context). */
+export function resultMessage(session: Session, end: TurnEnd, turn: TurnMeter) {
+  const { stats } = session;
+  const isError = end.subtype !== "success";
+  const since = (key: keyof LoopStats) =>
+    Number(stats[key] ?? 0) - Number(turn.usageBefore[key] ?? 0);
+  const model = session.model.name;
+  return {
+    type: "result",
+    subtype: end.subtype,
+    is_error: isError,
+    result: wellFormed(end.result),
+    errors: isError ? [wellFormed(end.result) || end.subtype] : [],
+    num_turns: stats.modelCalls - turn.callsBefore,
+    duration_ms: Date.now() - turn.startedAt,
+    duration_api_ms: turn.apiMs,
+    stop_reason: turn.stopReason,
+    usage: {
+      input_tokens: since("inputTokens"),
+      output_tokens: since("outputTokens"),
+      cache_creation_input_tokens: since("cacheCreationTokens"),
+      cache_read_input_tokens: since("cacheReadTokens"),
+    },
+    modelUsage: {
+      [model]: {
+        inputTokens: stats.inputTokens,
+        outputTokens: stats.outputTokens,
+        cacheReadInputTokens: stats.cacheReadTokens,
+        cacheCreationInputTokens: stats.cacheCreationTokens,
+        webSearchRequests: 0,
+        costUSD: roundedCost(model, stats),
+        contextWindow: stats.learntWindow ?? session.config.contextWindow,
+        maxOutputTokens: MAX_OUTPUT_TOKENS,
+      },
+    },
+    total_cost_usd: roundedCost(model, stats),
+    cost_known: estimateCost(model, stats) !== null,
+    permission_denials: turn.denials,
+    max_context_tokens: stats.maxContextTokens,
+    tasks: [...session.background.tasks.values()].map((t) => taskJson(t, session.keepLogs)),
+    session_id: session.id,
+    uuid: crypto.randomUUID(),
+  };
+}
+
+/** A task as scripts see it in results: id, command, state, exit code, duration, its log. */
+function taskJson(task: BackgroundTask, keepLogs: boolean) {
+  const p = task.process;
+  return {
+    task_id: task.id,
+    command: p.command,
+    status: p.status,
+    exit_code: p.exitCode,
+    duration_ms: Math.round(secondsOf(p) * 1000),
+    ...(keepLogs && p.log && p.log.bytesWritten > 0 ? { log: p.log.file } : {}),
+  };
+}
+
+/** How our end states map onto the SDK's three. */
+const SDK_TASK_STATUS: Record<TaskStatus, "completed" | "failed" | "stopped"> = {
+  running: "failed", // never used: only ended tasks are notified
+  completed: "completed",
+  failed: "failed",
+  timeout: "failed",
+  error: "failed",
+  killed: "stopped",
+};
+
+/**
+ * Renders a session as the SDK's messages: the turn's messages through LoopEvents, each
+ * task's life as task events. One writer per session; -p and the stream session share it.
+ */
+class StreamWriter {
+  /** The tool call that is running, so a task it starts is said to come from it. */
+  private runningToolUse: string | null = null;
+  private toolUseOf = new Map<string, string | null>();
+
+  constructor(private session: Session) {}
+
+  private send(fields: Record<string, unknown>): void {
+    emit({ ...fields, uuid: crypto.randomUUID(), session_id: this.session.id });
+  }
+
+  /** system/init: the SDK's fields, and ours (version). */
+  init(permissionMode: string): void {
+    const { session } = this;
+    this.send({
+      type: "system",
+      subtype: "init",
+      cwd: session.config.workdir,
+      tools: (session.tools ?? TOOLS).map((t) => t.name),
+      mcp_servers: [],
+      model: session.model.name,
+      permissionMode,
+      slash_commands: [],
+      apiKeySource: session.config.apiKey
+        ? "ANTHROPIC_API_KEY"
+        : session.config.authToken
+        ? "ANTHROPIC_AUTH_TOKEN"
+        : "none",
+      output_style: "default",
+      agents: [],
+      skills: [],
+      plugins: [],
+      version: VERSION,
+    });
+  }
+
+  /** A turn's messages: what the harness sends, every reply block, retries. */
+  loopEvents(turn: TurnMeter): LoopEvents {
+    return {
+      onModelCall: (messages) => {
+        turn.startCall();
+        const last = messages.at(-1);
+        if (last?.role !== "user" || typeof last.content === "string") return;
+        const harness = last.content.filter((b) =>
+          b.type === "tool_result" ||
+          (b.type === "text" && /^(<background-results>|\[The user interrupted)/.test(b.text))
+        );
+        if (harness.length === 0) return;
+        const message = { role: "user", content: harness };
+        this.send({ type: "user", message, parent_tool_use_id: null });
+      },
+      onReply: (reply) => {
+        turn.endCall(reply);
+        const id = reply.id ?? `msg_${randomHex(12)}`;
+        for (const block of reply.content) { // one message per block, as Claude Code sends
+          const message = {
+            id,
+            type: "message",
+            role: "assistant",
+            model: reply.model ?? this.session.model.name,
+            content: [block],
+            stop_reason: reply.stop_reason,
+            stop_sequence: null,
+            usage: reply.usage,
+          };
+          this.send({ type: "assistant", message, parent_tool_use_id: null });
+        }
+      },
+      onRetry: (why) => {
+        retryLine(this.session)(why);
+        this.send({ type: "system", subtype: "api_retry", error: why });
+      },
+      onToolCall: (_name, _input, id) => (this.runningToolUse = id),
+      onToolResult: () => (this.runningToolUse = null),
+    };
+  }
+
+  /** The running tasks, replace semantics. */
+  private tasksChanged(): void {
+    const running = [...this.session.background.tasks.values()]
+      .filter((t) => t.process.status === "running")
+      .map((t) => ({
+        task_id: t.id,
+        task_type: "local_bash",
+        description: oneLine(t.process.command),
+      }));
+    this.send({ type: "system", subtype: "background_tasks_changed", tasks: running });
+  }
+
+  /** A task started: the running tool call is where it came from. */
+  taskStarted(task: BackgroundTask): void {
+    this.toolUseOf.set(task.id, this.runningToolUse);
+    this.tasksChanged();
+    this.send({
+      type: "system",
+      subtype: "task_started",
+      task_id: task.id,
+      tool_use_id: this.runningToolUse,
+      description: oneLine(task.process.command),
+      task_type: "local_bash",
+      is_backgrounded: true,
+      command: task.process.command,
+    });
+  }
+
+  /** A notice: ready, quiet and input as task_progress; the end as exactly one notification. */
+  notice(n: Notification, task: BackgroundTask): void {
+    const p = task.process;
+    const common = {
+      task_id: task.id,
+      tool_use_id: this.toolUseOf.get(task.id) ?? null,
+      description: oneLine(p.command),
+    };
+    if (n.kind !== "ended") {
+      return this.send({
+        type: "system",
+        subtype: "task_progress",
+        ...common,
+        usage: { total_tokens: 0, tool_uses: 0, duration_ms: Math.round(secondsOf(p) * 1000) },
+        summary: n.text,
+        kind: n.kind,
+        ...(n.kind === "ready" ? { line: p.readyLine } : {}),
+      });
+    }
+    const status = SDK_TASK_STATUS[p.status];
+    const patchStatus = status === "stopped" ? "killed" : status;
+    this.send({
+      type: "system",
+      subtype: "task_updated",
+      task_id: task.id,
+      patch: { status: patchStatus, end_time: p.endedAt ?? Date.now() },
+    });
+    const how = p.exitCode !== null ? `exit code ${p.exitCode}` : p.signal ?? p.status;
+    const { task_id: _, ...fields } = taskJson(task, this.session.keepLogs);
+    this.send({
+      type: "system",
+      subtype: "task_notification",
+      ...common,
+      ...fields,
+      status,
+      output_file: p.log && p.log.bytesWritten > 0 ? p.log.file : "",
+      summary: `Background command "${oneLine(p.command, 80)}" ${p.status} (${how})`,
+      state: p.status,
+      preview: endPreview(p),
+    });
+    this.tasksChanged();
+  }
+
+  /** The end of a turn. */
+  result(end: TurnEnd, turn: TurnMeter): void {
+    emit(resultMessage(this.session, end, turn));
+  }
+
+  /** Shutting down: a stopped notification for each task it ended, then a final result. */
+  farewell(killed: BackgroundTask[], code: number, turn: TurnMeter): void {
+    for (const task of killed) this.notice({ taskId: task.id, kind: "ended", text: "" }, task);
+    this.result(signalledEnd(code), turn);
+  }
+}
+
+/** What the permission flags allow: tools, a mode, and whether to ask the client. */
+export interface PermissionRules {
+  /** --allowedTools: these run without asking. */
+  allowed: Set<string>;
+  /** --disallowedTools: these are not offered to the model at all. */
+  disallowed: Set<string>;
+  /** --permission-mode. */
+  mode: PermissionMode;
+  /** --permission-prompt-tool stdio: ask the client (the SDK's canUseTool). */
+  askClient: boolean;
+}
+
+/** The SDK's permission modes. */
+export type PermissionMode = "default" | "acceptEdits" | "bypassPermissions" | "plan" | "dontAsk";
+const PERMISSION_MODES: PermissionMode[] = [
+  "default",
+  "acceptEdits",
+  "bypassPermissions",
+  "plan",
+  "dontAsk",
+];
+/** Tools that change nothing: never asked about. */
+const READ_ONLY_TOOLS = ["read_file", "check_background"];
+/** Tools that edit files: acceptEdits lets them run. */
+const EDIT_TOOLS = ["write_file", "edit_file"];
+/** Claude Code's names for our tools, so an SDK script's allowedTools: ["Bash"] works. */
+const TOOL_ALIASES: Record<string, string[]> = {
+  Bash: ["bash", "background_run", "check_background", "kill_background"],
+  Read: ["read_file"],
+  Write: ["write_file"],
+  Edit: ["edit_file"],
+};
+
+/** A list of tool names from a flag (commas or spaces), each one of ours or an alias. */
+export function toolNamesFrom(flag: string, values: string[]): Set<string> {
+  const names = new Set<string>();
+  for (const word of values.flatMap((v) => v.split(/[\s,]+/)).filter(Boolean)) {
+    if (word.includes("(")) {
+      throw new Error(`${flag}: rules with patterns (${word}) are not supported; name whole tools`);
+    }
+    const ours = TOOL_ALIASES[word] ?? TOOLS.filter((t) => t.name === word).map((t) => t.name);
+    if (ours.length === 0) {
+      const known = [...Object.keys(TOOL_ALIASES), ...TOOLS.map((t) => t.name)].join(", ");
+      throw new Error(`${flag}: unknown tool "${word}" (tools: ${known})`);
+    }
+    ours.forEach((name) => names.add(name));
+  }
+  return names;
+}
+
+/** Whether a tool call runs, is refused (with why), or is put to the client. */
+export function permissionFor(
+  rules: PermissionRules,
+  tool: string,
+): "allow" | "ask" | { deny: string } {
+  if (rules.disallowed.has(tool)) return { deny: `${tool} is disallowed (--disallowedTools)` };
+  if (rules.mode === "bypassPermissions" || READ_ONLY_TOOLS.includes(tool)) return "allow";
+  if (rules.mode === "plan") return { deny: `plan mode: ${tool} would change something` };
+  if (rules.allowed.has(tool)) return "allow";
+  if (rules.mode === "acceptEdits" && EDIT_TOOLS.includes(tool)) return "allow";
+  if (rules.askClient) return "ask";
+  if (rules.allowed.size > 0 || rules.mode === "dontAsk") {
+    return { deny: `${tool} is not in --allowedTools` };
+  }
+  return "allow"; // no flag narrowed anything: the agent's tools run, as always
+}
+
+/** Asks the rules, and the client when they say so; a refusal is counted in the result. */
+async function decide(
+  rules: PermissionRules,
+  call: ToolCall,
+  meter: TurnMeter | null,
+  ask: (call: ToolCall) => Promise<{ deny: string } | { input: unknown }>,
+): Promise<{ deny: string } | { input: unknown }> {
+  const verdict = permissionFor(rules, call.name);
+  const outcome = verdict === "allow"
+    ? { input: call.input }
+    : verdict === "ask"
+    ? await ask(call)
+    : verdict;
+  if (!("deny" in outcome)) return outcome;
+  meter?.denials.push({ tool_name: call.name, tool_use_id: call.id, tool_input: call.input });
+  return { deny: `permission denied: ${outcome.deny}` };
+}
+
+/** One queued piece of work for the stream session: a user message, or a wake-up. */
+type StreamItem = { content: UserContent } | { wake: true };
+
+/**
+ * --input-format stream-json: each stdin line is a user message or a control request; each
+ * turn ends with its own result; a task that reports while the session is idle wakes the
+ * model. End of input: running tasks are waited for and reported, then the agent exits.
+ */
+class StreamSession {
+  private queue: StreamItem[] = [];
+  private busy = false;
+  private inputClosed = false;
+  private turn: { controller: AbortController; done: Promise<void>; why?: string } | null = null;
+  private meter: TurnMeter | null = null;
+  private lastEnd: TurnEnd | null = null;
+  private pendingAnswers = new Map<string, (answer: Record<string, unknown>) => void>();
+  private readonly writer: StreamWriter;
+
+  constructor(
+    private session: Session,
+    private rules: PermissionRules,
+    private options: { wake: boolean; maxBudgetUsd: number | null },
+  ) {
+    this.writer = new StreamWriter(session);
+  }
+
+  start(): void {
+    this.writer.init(this.rules.mode);
+    this.session.foreground = {
+      interrupt: () => void exitCleanly(this.session, 130),
+      taskStarted: (task) => this.writer.taskStarted(task),
+      notice: (n, task) => {
+        this.writer.notice(n, task);
+        if (this.options.wake && !this.session.killedByUser.has(task.id)) {
+          this.enqueue({ wake: true });
+        }
+      },
+      farewell: (killed, code) =>
+        this.writer.farewell(killed, code, this.meter ?? new TurnMeter(this.session.stats)),
+    };
+    const rl = readline.createInterface({ input: process.stdin, terminal: false });
+    rl.on("line", (line) => this.onLine(line));
+    rl.on("close", () => {
+      this.inputClosed = true;
+      void this.process();
+    });
+  }
+
+  private onLine(line: string): void {
+    if (line.trim() === "") return;
+    let message: unknown;
+    try {
+      message = JSON.parse(line);
+    } catch {
+      return emit({ type: "error", message: "not valid JSON", line: cutText(line, 200) });
+    }
+    if (typeof message !== "object" || message === null || Array.isArray(message)) {
+      return emit({
+        type: "error",
+        message: "a line must be a JSON object",
+        line: cutText(line, 200),
+      });
+    }
+    const fields = message as Record<string, unknown>;
+    if (fields.type === "user") return this.onUserMessage(fields);
+    if (fields.type === "control_request") return void this.onControlRequest(fields);
+    if (fields.type === "control_response") return this.onControlResponse(fields);
+    if (fields.type === "keep_alive" || fields.type === "control_cancel_request") return;
+    emit({ type: "error", message: `unknown line type: ${JSON.stringify(fields.type)}` });
+  }
+
+  /** A user message: its text, images and documents go to the model as they are. */
+  private onUserMessage(fields: Record<string, unknown>): void {
+    const content = (fields.message as { content?: unknown } | undefined)?.content;
+    const checked = userContentFrom(content);
+    if (typeof checked === "string") { // a turn that cannot run ends at once, with why
+      const turn = new TurnMeter(this.session.stats);
+      return this.writer.result({ subtype: "error_during_execution", result: checked }, turn);
+    }
+    this.enqueue({ content: checked });
+  }
+
+  private enqueue(item: StreamItem): void {
+    if ("wake" in item && this.queue.some((i) => "wake" in i)) return; // one drains them all
+    this.queue.push(item);
+    void this.process();
+  }
+
+  /** Runs queued turns one at a time; at end of input, waits for tasks, then exits. */
+  private async process(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    while (!this.session.stopping.signal.aborted) {
+      const item = this.queue.shift();
+      if (item === undefined) {
+        if (!this.inputClosed) break;
+        const running = [...this.session.background.tasks.values()]
+          .filter((t) => t.process.status === "running");
+        if (running.length === 0) return this.finish();
+        await Promise.race(running.map((t) => t.ended)); // its end queues a wake-up
+        continue;
+      }
+      if ("wake" in item && this.session.background.queue.length === 0) continue;
+      await this.runTurn("wake" in item ? null : item.content);
+    }
+    this.busy = false;
+  }
+
+  /** One turn, ended by exactly one result. */
+  private async runTurn(content: UserContent | null): Promise<void> {
+    const { session } = this;
+    const controller = new AbortController();
+    const meter = new TurnMeter(session.stats);
+    let resolveDone!: () => void;
+    const done = new Promise<void>((resolve) => (resolveDone = resolve));
+    this.turn = { controller, done };
+    this.meter = meter;
+    const events = this.writer.loopEvents(meter);
+    const onReply = events.onReply!;
+    events.onReply = (reply) => {
+      onReply(reply);
+      const budget = this.options.maxBudgetUsd;
+      if (budget !== null && roundedCost(session.model.name, session.stats) >= budget) {
+        this.turn!.why = "budget";
+        controller.abort();
+      }
+    };
+    const historyBefore = session.history.length;
+    let end: TurnEnd;
+    try {
+      const maxTurns = session.maxTurns === null ? undefined : meter.callsBefore + session.maxTurns;
+      const options = loopOptions(session, {
+        signal: controller.signal,
+        events,
+        maxTurns,
+        permit: (call) => this.permit(call),
+      });
+      end = { subtype: "success", result: await agentLoop(session.history, content, options) };
+    } catch (err) {
+      if (session.stopping.signal.aborted) return resolveDone();
+      const why = this.turn?.why;
+      end = err instanceof MaxTurnsError
+        ? { subtype: "error_max_turns", result: err.message }
+        : why === "budget"
+        ? {
+          subtype: "error_max_budget_usd",
+          result: `spent the budget of $${this.options.maxBudgetUsd} (--max-budget-usd)`,
+        }
+        : err instanceof InterruptedError
+        ? { subtype: "error_during_execution", result: "interrupted" }
+        : { subtype: "error_during_execution", result: (err as Error).message };
+      // A message the API refused (too long, a bad image) is not kept: it would wedge the
+      // session, each later message appended to it and refused again.
+      const refused = err instanceof ApiError && (err.status === 400 || err.status === 413);
+      const answered = session.history.slice(historyBefore).some((m) => m.role === "assistant");
+      if (refused && content !== null && !answered) {
+        dropUserContent(session.history, content);
+      }
+    } finally {
+      this.turn = null;
+      this.meter = null;
+    }
+    this.lastEnd = end;
+    this.writer.result(end, meter);
+    resolveDone();
+  }
+
+  private permit(call: ToolCall): Promise<{ deny: string } | { input: unknown }> {
+    return decide(this.rules, call, this.meter, (asked) => this.askClient(asked));
+  }
+
+  /** can_use_tool: a control request to the client; its answer decides. */
+  private askClient(call: ToolCall): Promise<{ deny: string } | { input: unknown }> {
+    const request_id = `req_${randomHex(8)}`;
+    const signal = this.turn?.controller.signal;
+    return new Promise((resolve) => {
+      const onAbort = () => {
+        this.pendingAnswers.delete(request_id);
+        resolve({ deny: "interrupted" });
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.pendingAnswers.set(request_id, (answer) => {
+        signal?.removeEventListener("abort", onAbort);
+        const response = (answer.response ?? {}) as Record<string, unknown>;
+        if (answer.subtype !== "success") {
+          resolve({ deny: String(answer.error ?? "the client failed") });
+        } else if (response.behavior === "allow") {
+          const updated = response.updatedInput;
+          resolve({
+            input: typeof updated === "object" && updated !== null ? updated : call.input,
+          });
+        } else resolve({ deny: String(response.message ?? "the client said no") });
+      });
+      emit({
+        type: "control_request",
+        request_id,
+        request: {
+          subtype: "can_use_tool",
+          tool_name: call.name,
+          input: call.input,
+          tool_use_id: call.id,
+          permission_suggestions: [],
+        },
+      });
+    });
+  }
+
+  private onControlResponse(fields: Record<string, unknown>): void {
+    const answer = (fields.response ?? {}) as Record<string, unknown>;
+    const id = String(answer.request_id ?? "");
+    const waiting = this.pendingAnswers.get(id);
+    if (!waiting) {
+      return emit({
+        type: "error",
+        message: `no request ${JSON.stringify(id)} waits for an answer`,
+      });
+    }
+    this.pendingAnswers.delete(id);
+    waiting(answer);
+  }
+
+  /** Every control request gets one control_response: success with an answer, or an error. */
+  private async onControlRequest(fields: Record<string, unknown>): Promise<void> {
+    const request_id = fields.request_id;
+    const request = (fields.request ?? {}) as Record<string, unknown>;
+    let response: Record<string, unknown>;
+    try {
+      response = await this.answer(request);
+    } catch (err) {
+      return emit({
+        type: "control_response",
+        response: { subtype: "error", request_id, error: (err as Error).message },
+      });
+    }
+    emit({ type: "control_response", response: { subtype: "success", request_id, response } });
+  }
+
+  /** The answer to one control request; throws the error text for an error response. */
+  private async answer(request: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const { session } = this;
+    const subtype = request.subtype;
+    const task = () => {
+      const found = session.background.tasks.get(String(request.task_id));
+      if (!found) throw new Error(`no task ${JSON.stringify(request.task_id)}`);
+      return found;
+    };
+    switch (subtype) {
+      case "initialize":
+        return this.initialize(request);
+      case "interrupt": {
+        const turn = this.turn;
+        turn?.controller.abort();
+        await turn?.done; // its result is written before the answer
+        return { still_queued: [] };
+      }
+      case "stop_task": {
+        const stopping = task();
+        if (!killForUser(session, stopping)) {
+          throw new Error(`task ${stopping.id} is not running: ${stateText(stopping.process)}`);
+        }
+        await stopping.ended; // its task_notification is written before the answer
+        return {};
+      }
+      case "get_task_output": {
+        const output = task().process.output;
+        if (output === null) {
+          return { output: "(output released)", total_bytes: 0, truncated: true };
+        }
+        const text = cleanOutput(output.text());
+        const truncated = output.omittedBytes() > 0;
+        return { output: text, total_bytes: output.totalBytes, truncated };
+      }
+      case "set_model": {
+        const name = typeof request.model === "string" && request.model
+          ? request.model
+          : DEFAULT_MODEL;
+        if (session.model.name.startsWith("offline demo")) {
+          throw new Error("the offline demo has one scripted model");
+        }
+        session.config = { ...session.config, model: name };
+        session.model = anthropicModel(session.config);
+        return {};
+      }
+      case "set_permission_mode": {
+        const mode = request.mode as PermissionMode;
+        if (!PERMISSION_MODES.includes(mode)) {
+          throw new Error(
+            `unknown permission mode ${JSON.stringify(request.mode)} (${
+              PERMISSION_MODES.join(", ")
+            })`,
+          );
+        }
+        this.rules.mode = mode;
+        return {};
+      }
+      case "background_tasks":
+        return {
+          backgrounded: session.handOff(
+            typeof request.tool_use_id === "string" ? request.tool_use_id : undefined,
+          ),
+        };
+      default:
+        throw new Error(`unsupported control request ${JSON.stringify(subtype)}`);
+    }
+  }
+
+  /** initialize: the client's system prompt (or an addition to ours), and what we offer. */
+  private initialize(request: Record<string, unknown>): Record<string, unknown> {
+    const { session } = this;
+    const given = Array.isArray(request.systemPrompt) ? request.systemPrompt.join("\n") : "";
+    if (given.trim() !== "") session.system = given;
+    if (typeof request.appendSystemPrompt === "string" && request.appendSystemPrompt.trim()) {
+      session.system = `${
+        session.system ?? systemPrompt(session.config.workdir)
+      }\n\n${request.appendSystemPrompt}`;
+    }
+    return {
+      commands: [],
+      agents: [],
+      output_style: "default",
+      available_output_styles: ["default"],
+      models: Object.keys(PRICES).map((value) => ({ value, displayName: value, description: "" })),
+      account: {},
+      pid: process.pid,
+      version: VERSION,
+    };
+  }
+
+  /** End of input and no work left: exit, with the code of how the last turn ended. */
+  private finish(): Promise<void> {
+    const code = this.lastEnd === null || this.lastEnd.subtype === "success"
+      ? 0
+      : this.lastEnd.subtype === "error_max_turns"
+      ? EXIT_MAX_TURNS
+      : 1;
+    return exitCleanly(this.session, code);
+  }
+}
+
+/** User content from a stream line: text, images and documents; or why it cannot be sent. */
+export function userContentFrom(content: unknown): UserContent | string {
+  if (typeof content === "string") return [{ type: "text", text: content }];
+  if (!Array.isArray(content)) return "a user message needs message.content: a string or blocks";
+  const blocks: UserContent = [];
+  for (const block of content) {
+    const type = (block as { type?: unknown } | null)?.type;
+    if (type === "text" && typeof (block as { text?: unknown }).text === "string") {
+      blocks.push({ type: "text", text: (block as { text: string }).text });
+    } else if ((type === "image" || type === "document") && typeof block.source === "object") {
+      blocks.push(block as UserContent[number]); // the API checks the source and says why
+    } else {
+      return `unsupported content block ${
+        JSON.stringify(type)
+      }: send text, image or document blocks`;
+    }
+  }
+  return blocks;
+}
+
+/** Takes a refused message's own blocks out of the history; what the harness added stays. */
+function dropUserContent(history: MessageParam[], content: UserContent): void {
+  const last = history.at(-1);
+  if (last?.role !== "user" || !Array.isArray(last.content)) return;
+  last.content = last.content.filter((b) => !(content as unknown[]).includes(b));
+  if (last.content.length === 0) history.pop();
 }
 
 function isMainModule(): boolean {
