@@ -3080,6 +3080,209 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
+  // The official client: @anthropic-ai/claude-agent-sdk's query() spawns agent.ts as it
+  // spawns Claude Code (pathToClaudeCodeExecutable) and speaks stream-json to it.
+  /** An executable that runs agent.ts under this runtime: what the SDK is pointed at. */
+  function sdkExecutable(): string {
+    const file = path.join(testRoot, "agent-for-sdk");
+    if (!fs.existsSync(file)) {
+      const words = [process.execPath, ...runtimeArgs].map((w) => `'${w}'`).join(" ");
+      fs.writeFileSync(file, `#!/bin/sh\nexec ${words} "$@"\n`, { mode: 0o755 });
+    }
+    return file;
+  }
+
+  /** query() against the loopback API; every message it yields, and how the run ended. */
+  async function sdkQuery(
+    prompt: string | AsyncIterable<unknown>,
+    api: FakeApi,
+    more: Record<string, unknown> = {},
+    onMessage: (message: Record<string, any>, q: unknown) => void | Promise<void> = () => {},
+  ) {
+    const { query } = await import("@anthropic-ai/claude-agent-sdk");
+    const q = query({
+      prompt: prompt as string,
+      options: {
+        pathToClaudeCodeExecutable: sdkExecutable(),
+        cwd: (more.cwd as string) ?? workspace(),
+        env: agentEnv(api.env),
+        ...more,
+      },
+    });
+    const messages: Array<Record<string, any>> = [];
+    let thrown: Error | null = null;
+    try {
+      for await (const message of q) {
+        messages.push(message as Record<string, any>);
+        await onMessage(message as Record<string, any>, q);
+      }
+    } catch (err) {
+      thrown = err as Error;
+    }
+    const results = messages.filter((m) => m.type === "result");
+    return { q, messages, results, thrown };
+  }
+
+  test("sdk: query() with a string prompt hears the task's end, one result per turn, then ends", async () => {
+    const api = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "background_run", input: { command: "sleep 0.3; echo done" } })
+        : index === 1
+        ? scriptedReply("Started.")
+        : scriptedReply(`Saw: ${JSON.stringify(body.messages.at(-1)).includes("done")}`)
+    );
+    try {
+      const run = await sdkQuery("go", api);
+      assert.equal(run.thrown, null, String(run.thrown));
+      const init = run.messages.find((m) => m.type === "system" && m.subtype === "init");
+      assert.ok(init?.tools.includes("background_run"));
+      const started = run.messages.filter((m) => m.subtype === "task_started");
+      const ended = run.messages.filter((m) => m.subtype === "task_notification");
+      assert.deepEqual([started.length, ended.length], [1, 1], "one start, one end");
+      assert.deepEqual([ended[0].status, ended[0].exit_code], ["completed", 0]);
+      assert.deepEqual(run.results.map((r) => [r.subtype, r.result]), [
+        ["success", "Started."],
+        ["success", "Saw: true"],
+      ]);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sdk: a multi-turn query: stopTask, setModel, interrupt, a canUseTool that denies", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body) => {
+      const content = body.messages.at(-1)!.content;
+      const last = JSON.stringify(typeof content === "string" ? content : content.at(-1));
+      if (last.includes("think forever")) return { stall: true };
+      if (last.includes("start it")) {
+        return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
+      }
+      if (last.includes("touch it")) {
+        return scriptedReply({ tool: "bash", input: { command: "touch touched" } });
+      }
+      if (last.includes("tool_result")) return scriptedReply(`After tools: ${last.slice(0, 300)}`);
+      return scriptedReply(`Heard ${(body as unknown as { model: string }).model}`);
+    });
+    const results: Array<Record<string, any>> = [];
+    const resultCame: Array<() => void> = [];
+    const nextResult = () => new Promise<void>((resolve) => resultCame.push(resolve));
+    const user = (text: string) => ({
+      type: "user",
+      message: { role: "user", content: text },
+      parent_tool_use_id: null,
+      session_id: "",
+    });
+    let taskId = "";
+    let control: {
+      stopTask(id: string): Promise<void>;
+      setModel(m: string): Promise<void>;
+      interrupt(): Promise<void>;
+    } | null = null;
+    const asked: string[] = [];
+    async function* prompts() {
+      yield user("start it");
+      await nextResult();
+      await control!.stopTask(taskId);
+      await control!.setModel("m-9");
+      yield user("which model?");
+      await nextResult();
+      yield user("touch it");
+      await nextResult();
+      yield user("think forever");
+      await eventually(() => api.requests.length >= 6, "the slow call");
+      const interrupted = nextResult(); // the turn's result comes before interrupt() returns
+      await control!.interrupt();
+      await interrupted;
+      yield user("bye");
+      await nextResult();
+    }
+    try {
+      const run = await sdkQuery(prompts(), api, {
+        cwd: dir,
+        canUseTool: (name: string) => {
+          asked.push(name);
+          return Promise.resolve(
+            name === "bash"
+              ? { behavior: "deny", message: "no shell today" }
+              : { behavior: "allow", updatedInput: undefined },
+          );
+        },
+      }, (message, q) => {
+        control ??= q as typeof control;
+        if (message.subtype === "task_started") taskId = message.task_id;
+        if (message.type === "result") {
+          results.push(message);
+          resultCame.shift()?.();
+        }
+      });
+      assert.equal(run.thrown, null, String(run.thrown));
+      const ended = run.messages.filter((m) => m.subtype === "task_notification");
+      assert.deepEqual(ended.map((m) => [m.task_id, m.status]), [[taskId, "stopped"]]);
+      assert.deepEqual(results.map((r) => r.subtype), [
+        "success",
+        "success",
+        "success",
+        "error_during_execution",
+        "success",
+      ]);
+      assert.equal(results[1].result, "Heard m-9", "setModel took effect");
+      assert.equal(fs.existsSync(path.join(dir, "touched")), false, "the denied call never ran");
+      assert.deepEqual(
+        results[2].permission_denials.map((d: { tool_name: string }) => d.tool_name),
+        ["bash"],
+      );
+      assert.match(results[2].result, /permission denied: no shell today/);
+      assert.deepEqual(asked, ["background_run", "bash"]);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sdk: maxTurns, an API error and allowedTools end as the SDK expects", async () => {
+    const looping = await startFakeApi(() =>
+      scriptedReply({ tool: "bash", input: { command: "true" } })
+    );
+    const refusing = await startFakeApi(() => ({ status: 401, message: "invalid x-api-key" }));
+    const dir = workspace();
+    const narrow = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply(
+          { tool: "bash", input: { command: "touch ran" } },
+          { tool: "read_file", input: { path: "note.txt" } },
+        )
+        : scriptedReply(`Then: ${JSON.stringify(body.messages.at(-1)).slice(0, 400)}`)
+    );
+    try {
+      const [turns, denied] = await Promise.all([
+        sdkQuery("loop", looping, { maxTurns: 2 }),
+        sdkQuery("hi", refusing),
+      ]);
+      assert.equal(turns.results.at(-1)?.subtype, "error_max_turns");
+      assert.deepEqual(turns.results.at(-1)?.errors.length, 1);
+      assert.match(String(turns.thrown), /max-turns|model calls/, "a non-zero exit, named");
+      assert.equal(denied.results.length, 1);
+      assert.deepEqual([denied.results[0].is_error, denied.results[0].subtype], [
+        true,
+        "error_during_execution",
+      ]);
+      assert.match(denied.results[0].errors[0], /401/);
+      assert.match(String(denied.thrown), /401/, "the SDK reports the error, not a TypeError");
+      fs.writeFileSync(path.join(dir, "note.txt"), "a note");
+      const allowed = await sdkQuery("go", narrow, { cwd: dir, allowedTools: ["Read"] });
+      assert.equal(allowed.thrown, null, String(allowed.thrown));
+      assert.equal(fs.existsSync(path.join(dir, "ran")), false, "bash is not in allowedTools");
+      const result = allowed.results[0];
+      assert.deepEqual(result.permission_denials.map((d: { tool_name: string }) => d.tool_name), [
+        "bash",
+      ]);
+      assert.match(result.result, /not in --allowedTools/);
+      assert.match(result.result, /a note/, "read_file ran");
+    } finally {
+      await Promise.all([looping.close(), refusing.close(), narrow.close()]);
+    }
+  });
+
   test("cli: a slow reader gets every byte of a long answer before the agent exits", async () => {
     const dir = workspace();
     const long = "word ".repeat(100_000); // 500 KB, far past a pipe's buffer
