@@ -26,6 +26,7 @@ import {
   demoModel,
   findTask,
   formatBackgroundResults,
+  HandOffs,
   HELP,
   InterruptedError,
   KEEP_OUTPUT_OF_FINISHED,
@@ -216,6 +217,10 @@ async function notifications(bg: BackgroundManager, count: number): Promise<Noti
     seen.push(...bg.drain());
   }
   return seen;
+}
+
+function secondsSince(ms: number): number {
+  return (Date.now() - ms) / 1000;
 }
 
 /** Resolves when `check` holds, looking every 20 ms; fails after `seconds`. */
@@ -1111,7 +1116,10 @@ section("3. The background tools", 4, () => {
   test("tools: kill_background kills a running task once; on a finished one it says so", async () => {
     const { bg, run } = fixture();
     const id = bg.run("sleep 60");
-    assert.equal((await run("kill_background", { task_id: id })).content, `Task ${id} was killed.`);
+    assert.equal(
+      (await run("kill_background", { task_id: id })).content,
+      `Task ${id} was killed (1 process ended).`,
+    );
     assert.deepEqual(bg.drain(), [], "the kill result told the model; no second announcement");
     const done = bg.run("echo quick");
     await notifications(bg, 1);
@@ -1691,6 +1699,70 @@ section("5. Processes and output", 4, () => {
     } finally {
       process.kill(readPid(file("daemon.pid")), "SIGKILL");
     }
+  });
+
+  test("processes: a kill and a timeout end what left the task's session (setsid), at once", {
+    skip: !hasSetsid && "needs util-linux setsid",
+  }, async () => {
+    for (const how of ["kill", "timeout"] as const) {
+      const { bg, run, file } = fixture();
+      const id = bg.run(
+        "sleep 300 & setsid sh -c 'echo $$ > escaped.pid; exec sleep 301' & " +
+          "echo $! > child.pid; sleep 302",
+        { timeoutSec: how === "timeout" ? 1 : 60 },
+      );
+      await eventually(() => pidWritten(file("escaped.pid")), "the escapee");
+      const escaped = readPid(file("escaped.pid"));
+      assert.notEqual(procStat(escaped)!.session, bg.tasks.get(id)!.process.pid, "it left");
+      if (how === "kill") {
+        const said = await run("kill_background", { task_id: id });
+        assert.match(said.content, /^Task \w{8} was killed \(3 processes ended\)\.$/);
+      } else await ended(bg, id);
+      assert.equal(bg.tasks.get(id)!.process.status, how === "kill" ? "killed" : "timeout");
+      assert.equal(isAlive(escaped), false, `${how}: the setsid escapee is gone too`);
+    }
+  });
+
+  test("bash: still running past the threshold, it moves to the background: output kept, one end", async () => {
+    const dir = workspace();
+    const logs = new LogFolder(path.join(dir, ".logs"));
+    const bg = new BackgroundManager(dir, { logs });
+    const ctx: ToolContext = { workdir: dir, background: bg, handOffAfterSec: 1 };
+    const command = "echo before; while [ ! -f go ]; do sleep 0.02; done; echo after";
+    const handed = await runToolNamed("bash", { command }, ctx);
+    assert.match(
+      handed.content,
+      /^still running after 1 s: moved to the background as task (\w{8})\. Output so far: before\. You will be told when it ends\.$/,
+    );
+    const id = handed.content.match(/task (\w{8})/)![1];
+    const task = bg.tasks.get(id)!;
+    assert.equal(task.process.status, "running", "the same process goes on");
+    fs.writeFileSync(path.join(dir, "go"), "");
+    const [end] = await notifications(bg, 1);
+    assert.deepEqual([end.taskId, end.kind], [id, "ended"]);
+    assert.match(end.text, /^completed \(exit 0, [\d.]+s\): before \| after/);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(bg.drain().length, 0, "told exactly once");
+    assert.equal(fs.readFileSync(task.process.log!.file, "utf8"), "before\nafter\n", "the log");
+    // Quick commands behave as before: no task, the output in the result.
+    assert.equal((await runToolNamed("bash", { command: "echo quick" }, ctx)).content, "quick");
+    assert.equal(bg.tasks.size, 1);
+  });
+
+  test("bash: the user's hand-off (Ctrl+B, background_tasks) moves it at once; a timeout still bounds it", async () => {
+    const { bg, ctx, dir } = fixture();
+    const handOffs = new HandOffs();
+    const context = { ...ctx, handOffs, handOffAfterSec: 0 };
+    assert.equal(handOffs.handOff(), false, "nothing runs yet");
+    const result = runToolNamed("bash", { command: "echo one; sleep 30", timeout: 2 }, context);
+    await eventually(() => handOffs.handOff("toolu_test"), "the running command");
+    const said = (await result).content;
+    assert.match(said, /^moved by the user after [\d.]+s: moved to the background as task \w{8}/);
+    const task = [...bg.tasks.values()][0];
+    await task.ended;
+    assert.equal(task.process.status, "timeout", "the model's timeout of 2 s still holds");
+    assert.ok(secondsSince(task.process.startedAt) < 10);
+    assert.ok(fs.existsSync(dir));
   });
 
   test("processes: children read stdin from /dev/null, so cat and read end at once", async () => {
@@ -3082,6 +3154,9 @@ section("8–9. The offline demo and the command line", 5, () => {
 
   // The official client: @anthropic-ai/claude-agent-sdk's query() spawns agent.ts as it
   // spawns Claude Code (pathToClaudeCodeExecutable) and speaks stream-json to it.
+  /** A message as query() yields it: JSON of many shapes, read field by field. */
+  type SdkMessage = ReturnType<typeof JSON.parse>;
+
   /** An executable that runs agent.ts under this runtime: what the SDK is pointed at. */
   function sdkExecutable(): string {
     const file = path.join(testRoot, "agent-for-sdk");
@@ -3097,7 +3172,7 @@ section("8–9. The offline demo and the command line", 5, () => {
     prompt: string | AsyncIterable<unknown>,
     api: FakeApi,
     more: Record<string, unknown> = {},
-    onMessage: (message: Record<string, any>, q: unknown) => void | Promise<void> = () => {},
+    onMessage: (message: SdkMessage, q: unknown) => void | Promise<void> = () => {},
   ) {
     const { query } = await import("@anthropic-ai/claude-agent-sdk");
     const q = query({
@@ -3109,12 +3184,12 @@ section("8–9. The offline demo and the command line", 5, () => {
         ...more,
       },
     });
-    const messages: Array<Record<string, any>> = [];
+    const messages: Array<SdkMessage> = [];
     let thrown: Error | null = null;
     try {
       for await (const message of q) {
-        messages.push(message as Record<string, any>);
-        await onMessage(message as Record<string, any>, q);
+        messages.push(message as SdkMessage);
+        await onMessage(message as SdkMessage, q);
       }
     } catch (err) {
       thrown = err as Error;
@@ -3164,7 +3239,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       if (last.includes("tool_result")) return scriptedReply(`After tools: ${last.slice(0, 300)}`);
       return scriptedReply(`Heard ${(body as unknown as { model: string }).model}`);
     });
-    const results: Array<Record<string, any>> = [];
+    const results: Array<SdkMessage> = [];
     const resultCame: Array<() => void> = [];
     const nextResult = () => new Promise<void>((resolve) => resultCame.push(resolve));
     const user = (text: string) => ({

@@ -53,6 +53,8 @@ export const DEFAULT_MODEL = "claude-sonnet-5-5";
 export const DEFAULT_BACKGROUND_TIMEOUT_SEC = 300;
 /** Background tasks running at once. */
 export const MAX_RUNNING_TASKS = 16;
+/** A foreground bash still running after this many seconds moves to the background. */
+export const DEFAULT_HAND_OFF_SEC = 15;
 
 /** The system prompt: the same for every call of a session, so it is cached. */
 export function systemPrompt(workdir: string): string {
@@ -118,13 +120,33 @@ export class BackgroundManager {
 
   /** Starts the command and returns its task id at once; the process runs on. */
   run(command: string, watch: WatchOptions = {}): string {
+    const id = this.newId();
+    const log = this.options.logs?.open(id);
+    const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
+    return this.track(id, new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent }));
+  }
+
+  /**
+   * Takes over a foreground command that is still running (bash's hand-off): the same process,
+   * what it printed so far kept, and from now on a task like any other. Returns its id.
+   */
+  adopt(shell: ShellProcess): string {
+    const id = this.newId();
+    shell.keepLog(this.options.logs?.open(id));
+    return this.track(id, shell);
+  }
+
+  /** A fresh id, once there is room for one more running task. */
+  private newId(): string {
     const limit = this.options.maxRunning ?? MAX_RUNNING_TASKS;
     if (this.runningCount() >= limit) throw new Error(`${limit} tasks run already: wait or kill`);
     let id = crypto.randomUUID().slice(0, 8); // 8 random lowercase hex characters
     while (this.tasks.has(id)) id = crypto.randomUUID().slice(0, 8);
-    const log = this.options.logs?.open(id);
-    const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
-    const shell = new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent });
+    return id;
+  }
+
+  /** From now on the process is task `id`: its end will be the one "ended" notification. */
+  private track(id: string, shell: ShellProcess): string {
     const task = { id, process: shell, ended: shell.done.then(() => this.finish(id)) };
     this.tasks.set(id, task);
     this.options.onStart?.(task);
@@ -172,7 +194,9 @@ export class BackgroundManager {
 // 3. The background tools
 // A tool is a JSON schema the model sees plus a handler the harness runs (bash and the file
 // tools are the earlier steps', section 8). Where the tutorial differs: check_background also
-// waits, and kill_background exists: a model that starts work must be able to stop it.
+// waits, and kill_background exists: a model that starts work must be able to stop it. And
+// the lesson's idea reaches bash too: a command still running after 15 s (or when the user
+// presses Ctrl+B) is handed to the manager with adopt(), so slow work is never lost to a timeout.
 // ---------------------------------------------------------------------------
 
 /** background_run, check_background and kill_background, as the model sees them. */
@@ -450,12 +474,17 @@ export class ShellProcess {
   readonly readyPattern: SafePattern | null;
   /** The first line that matched `ready`. */
   readyLine: string | null = null;
+  /** How many processes a kill reached: the shell, its children, and what left its session. */
+  processesEnded = 0;
+  /** In every descendant's environment, so a kill finds what left the group (setsid). */
+  readonly mark = randomHex(8);
 
   private resolveDone!: () => void;
   private child: ChildProcess | null = null;
   private endReason: "timeout" | "killed" | null = null;
   private pipesHeld = false; // the shell exited but something it started kept the pipes
   private timers: ReturnType<typeof setTimeout>[] = []; // all cleared when the process ends
+  private timeoutTimer: ReturnType<typeof setTimeout> | null = null;
   private watchers: OutputWatchers | null;
 
   /** Starts `command` through bash at once. */
@@ -468,7 +497,7 @@ export class ShellProcess {
     try {
       this.child = spawn(SHELL, ["-c", command], {
         cwd: options.cwd,
-        env: childEnvironment,
+        env: { ...childEnvironment, [TASK_MARK]: this.mark },
         detached: true, // setsid(): its own session and process group
         stdio: ["ignore", "pipe", "pipe"], // stdin is /dev/null: `cat` or `read` end at once
       });
@@ -483,11 +512,22 @@ export class ShellProcess {
     this.child.on("error", (err) => this.finish(describeSpawnError(err, options.cwd)));
     this.child.on("exit", (code, signal) => this.onShellExit(code, signal));
     this.child.on("close", () => this.finish(null));
-    const timeoutSec = Math.min(
-      options.timeoutSec ?? DEFAULT_BACKGROUND_TIMEOUT_SEC,
-      MAX_TIMER_SEC,
-    );
-    this.after(timeoutSec * 1000, () => this.kill("timeout"));
+    this.limitTo(options.timeoutSec ?? DEFAULT_BACKGROUND_TIMEOUT_SEC);
+  }
+
+  /** It is killed `seconds` after it started (a new limit replaces the old one). */
+  limitTo(seconds: number): void {
+    if (this.timeoutTimer) clearTimeout(this.timeoutTimer);
+    const left = Math.min(seconds, MAX_TIMER_SEC) * 1000 - (Date.now() - this.startedAt);
+    this.timeoutTimer = this.after(Math.max(0, left), () => this.kill("timeout"));
+  }
+
+  /** From now on its output goes to `log` too, after what it printed so far (as kept). */
+  keepLog(log: TaskLog | null | undefined): void {
+    if (!log || this.log) return;
+    const soFar = this.output?.text() ?? "";
+    if (soFar !== "") log.write(Buffer.from(soFar));
+    this.log = log;
   }
 
   /** The shell's pid (also its process group and session id). */
@@ -495,13 +535,52 @@ export class ShellProcess {
     return this.child?.pid;
   }
 
-  /** SIGTERM to the whole session, SIGKILL after a short grace. Calling it twice is harmless. */
+  /**
+   * SIGTERM to everything it started (its group, its session, and what carries its mark:
+   * setsid and daemons too), SIGKILL after a short grace to what still lives. It ends as soon
+   * as all of them are gone. Calling it twice is harmless.
+   */
   kill(reason: "timeout" | "killed" = "killed"): boolean {
     if (this.status !== "running" || this.endReason !== null) return false;
     this.endReason = reason;
-    this.signalSession("SIGTERM");
-    this.after(KILL_GRACE_MS, () => this.signalSession("SIGKILL"));
+    const targets = this.ownProcesses();
+    this.processesEnded = targets.length;
+    for (const pid of targets) signalQuietly(pid, "SIGTERM");
+    this.endWhenGone(targets);
+    this.after(KILL_GRACE_MS, () => this.signalOwn("SIGKILL"));
     return true;
+  }
+
+  /** Every live process of this task: the shell, its group and session, what has its mark. */
+  private ownProcesses(): number[] {
+    const pid = this.child?.pid;
+    if (pid === undefined) return [];
+    const own = new Set([pid, ...markedProcesses(`${TASK_MARK}=${this.mark}`)]);
+    for (const member of sessionMembers(pid)) own.add(member);
+    return [...own].filter((p) => procStat(p) !== null);
+  }
+
+  private signalOwn(signal: NodeJS.Signals): void {
+    const pid = this.child?.pid;
+    if (pid !== undefined) signalQuietly(-pid, signal);
+    for (const member of this.ownProcesses()) signalQuietly(member, signal);
+  }
+
+  /**
+   * After a kill: checks every 10 ms (a kill's grace at most) whether the targets are gone;
+   * then the pipes they held are closed, so the end is not kept waiting by an escapee.
+   */
+  private endWhenGone(targets: number[]): void {
+    const check = setInterval(() => {
+      if (this.status !== "running") return clearInterval(check);
+      if (targets.some((pid) => procStat(pid) !== null)) return;
+      clearInterval(check);
+      this.pipesHeld = true;
+      this.child?.stdout?.destroy();
+      this.child?.stderr?.destroy();
+    }, 10);
+    check.unref();
+    this.timers.push(check as unknown as ReturnType<typeof setTimeout>);
   }
 
   /** Synchronous last resort for process exit: the process group, no grace, no waiting. */
@@ -547,10 +626,11 @@ export class ShellProcess {
   }
 
   /** A timer that does not keep the program alive by itself. */
-  private after(ms: number, action: () => void): void {
+  private after(ms: number, action: () => void): ReturnType<typeof setTimeout> {
     const timer = setTimeout(action, ms);
     timer.unref();
     this.timers.push(timer);
+    return timer;
   }
 
   /** Runs once: the final state, timers cleared, what it left ended. */
@@ -561,7 +641,8 @@ export class ShellProcess {
     ShellProcess.live.delete(this);
     // A normal end cost a group kill (onShellExit); the session is scanned only after a kill,
     // or when something kept the pipes (it escaped the group). The rest goes at the agent's exit.
-    if (this.endReason !== null || this.pipesHeld) this.signalSession("SIGKILL");
+    if (this.endReason !== null) this.signalOwn("SIGKILL"); // a kill reaches the escapees too
+    else if (this.pipesHeld) this.signalSession("SIGKILL");
     this.log?.close();
     this.error = startError;
     this.endedAt = Date.now();
@@ -655,22 +736,27 @@ function sessionMembers(sid: number): number[] {
  * many. Another user's processes are never looked at (their environment is not ours).
  */
 export function endMarkedProcesses(runId: string): number {
+  const marked = markedProcesses(`S08_AGENT_RUN=${runId}`);
+  for (const pid of marked) signalQuietly(pid, "SIGKILL");
+  return marked.length;
+}
+
+/** The name of the variable that marks each task's processes, whatever group they are in. */
+const TASK_MARK = "S08_TASK_MARK";
+
+/** This user's processes (never this one) whose environment holds `entry` ("NAME=value"). */
+function markedProcesses(entry: string): number[] {
   const uid = currentUid();
-  const marker = `\0S08_AGENT_RUN=${runId}\0`;
-  let ended = 0;
-  for (const pid of allPids()) {
-    if (pid === process.pid) continue;
+  const marker = `\0${entry}\0`;
+  return allPids().filter((pid) => {
+    if (pid === process.pid) return false;
     try {
-      if (fs.statSync(`/proc/${pid}`).uid !== uid) continue;
-      const environ = "\0" + fs.readFileSync(`/proc/${pid}/environ`, "latin1");
-      if (!environ.includes(marker)) continue;
+      if (fs.statSync(`/proc/${pid}`).uid !== uid) return false;
+      return ("\0" + fs.readFileSync(`/proc/${pid}/environ`, "latin1")).includes(marker);
     } catch {
-      continue; // gone, or not readable
+      return false; // gone, or not readable
     }
-    signalQuietly(pid, "SIGKILL");
-    ended++;
-  }
-  return ended;
+  });
 }
 
 /**
@@ -1781,7 +1867,9 @@ async function killTask(id: string, context: ToolContext): Promise<string> {
   await waitForTasks([task], "all", (KILL_GRACE_MS + 2000) / 1000);
   const stopped = task.process.status !== "running";
   if (stopped) markEndSeen(background, task); // this result tells the model how it ended
-  return `Task ${task.id} ${stopped ? "was killed" : "is being stopped"}.`;
+  const count = task.process.processesEnded;
+  const how = ` (${count} process${count === 1 ? "" : "es"} ended)`;
+  return `Task ${task.id} ${stopped ? "was killed" : "is being stopped"}${how}.`;
 }
 
 /** The task with this id, or an error that lists the newest ten. */
@@ -1946,6 +2034,10 @@ export interface ToolContext {
   permit?: (call: ToolCall) => Promise<{ deny: string } | { input: unknown }>;
   /** The id of the tool call being run (a task it starts is said to come from it). */
   toolUseId?: string;
+  /** A foreground bash still running after this many seconds moves to the background (0: never). */
+  handOffAfterSec?: number;
+  /** Where a running foreground bash can be moved to the background from outside. */
+  handOffs?: HandOffs;
 }
 
 /** One input field of a tool, as its JSON schema says. */
@@ -1998,9 +2090,14 @@ const BASE_TOOLS: ToolDefinition[] = [
       const proc = new ShellProcess(command, { cwd: context.workdir, timeoutSec });
       const interrupt = () => proc.kill("killed");
       context.signal?.addEventListener("abort", interrupt);
-      await proc.done;
-      context.signal?.removeEventListener("abort", interrupt);
-      return bashResult(proc, timeoutSec);
+      const handedOff = await untilDoneOrHandedOff(proc, context);
+      context.signal?.removeEventListener("abort", interrupt); // a task now: Ctrl-C spares it
+      if (handedOff === null) return bashResult(proc, timeoutSec);
+      if (input.timeout === undefined) proc.limitTo(DEFAULT_BACKGROUND_TIMEOUT_SEC);
+      const id = context.background.adopt(proc);
+      const output = preview(cleanOutput(proc.output?.text() ?? "")) || "(none yet)";
+      return `${handedOff}: moved to the background as task ${id}. Output so far: ${output}. ` +
+        "You will be told when it ends.";
     },
   },
   {
@@ -2089,6 +2186,55 @@ const BASE_TOOLS: ToolDefinition[] = [
 
 /** Every tool the model gets: the earlier steps' and the lesson's. */
 export const TOOLS: ToolDefinition[] = [...BASE_TOOLS, ...BACKGROUND_TOOLS];
+
+/**
+ * Waits for a foreground command, unless it is handed off first: after the threshold, or by
+ * the user (Ctrl+B, the SDK's background_tasks). Returns why it was handed off, or null.
+ */
+async function untilDoneOrHandedOff(proc: ShellProcess, context: ToolContext) {
+  const afterSec = context.handOffAfterSec ?? 0;
+  let handOff!: (why: string) => void;
+  const handedOff = new Promise<string>((resolve) => (handOff = resolve));
+  const timer = afterSec > 0
+    ? setTimeout(() => handOff(`still running after ${afterSec} s`), afterSec * 1000)
+    : null;
+  const forget = context.handOffs?.add(
+    context.toolUseId ?? "",
+    () => handOff(`moved by the user after ${elapsed(proc)}`),
+  );
+  try {
+    const why = await Promise.race([proc.done.then(() => null), handedOff]);
+    const room = context.background.runningCount() < (context.background.options.maxRunning ??
+      MAX_RUNNING_TASKS);
+    if (why === null || proc.status !== "running") return null;
+    if (room) return why;
+    await proc.done; // no room for one more task: it stays in the foreground
+    return null;
+  } finally {
+    if (timer) clearTimeout(timer);
+    forget?.();
+  }
+}
+
+/** The foreground commands that can be moved to the background now, by tool call id. */
+export class HandOffs {
+  private waiting = new Map<string, () => void>();
+
+  /** Registers one; returns the function that forgets it. */
+  add(toolUseId: string, handOff: () => void): () => void {
+    this.waiting.set(toolUseId, handOff);
+    return () => this.waiting.delete(toolUseId);
+  }
+
+  /** Moves the one with this tool call id, or (none given) all; false when none runs. */
+  handOff(toolUseId?: string): boolean {
+    const chosen = toolUseId === undefined
+      ? [...this.waiting.values()]
+      : [this.waiting.get(toolUseId)].filter((f) => f !== undefined);
+    chosen.forEach((handOff) => handOff());
+    return chosen.length > 0;
+  }
+}
 
 function bashResult(proc: ShellProcess, timeoutSec: number): string {
   if (proc.status === "error") throw new ToolError(proc.error!);
@@ -2517,6 +2663,10 @@ export interface LoopOptions {
   tools?: ToolDefinition[];
   /** Asked before each tool call runs (see ToolContext). */
   permit?: ToolContext["permit"];
+  /** See ToolContext. */
+  handOffAfterSec?: number;
+  /** See ToolContext. */
+  handOffs?: HandOffs;
 }
 
 /** What a user interface sees of a turn, as it happens. */
@@ -3213,16 +3363,26 @@ Options:
   --model NAME           the model (default ${DEFAULT_MODEL}, or MODEL_ID)
   --max-turns N          at most N model calls in this run (then exit ${EXIT_MAX_TURNS})
   --demo                 use the built-in scripted model, also with a prompt (no API key)
-  --no-demo              without an API key: go straight to the REPL, skip the playback
+  --no-demo              without an API key: skip the demo's playback, go straight to its REPL
   --keep-demo            keep the demo's temporary folder (it is removed on exit)
   --no-wake              REPL: do not wake the model when a task reports while idle
   --keep-logs            keep this run's task logs (they are removed on exit)
+  --background-after S   a bash command still running after S seconds moves to the
+                         background as a task (default ${DEFAULT_HAND_OFF_SEC}; 0: never)
+  --allowedTools LIST    only these run without asking (Bash, Read, Write, Edit or our names)
+  --disallowedTools LIST these are not offered to the model
+  --permission-mode M    default, acceptEdits, bypassPermissions, plan or dontAsk
+  --permission-prompt-tool stdio   ask the client (stream-json input) before a tool runs
+  --system-prompt TEXT, --append-system-prompt TEXT   replace, or add to, the system prompt
+  --max-budget-usd N     end a turn once the session's estimated cost reaches N
+  --verbose              accepted (the Agent SDK passes it); changes nothing
   -h, --help             this help
 Environment: ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN, ANTHROPIC_BASE_URL, MODEL_ID,
-  S08_STREAM_IDLE_SEC (90), S08_CONTEXT_WINDOW (200000), NO_COLOR. A .env file in the
+  S08_STREAM_IDLE_SEC (90), S08_CONTEXT_WINDOW (200000), S08_BACKGROUND_AFTER_SEC (15), NO_COLOR. A .env file in the
   current folder may set the key, MODEL_ID and (with its own key) ANTHROPIC_BASE_URL only.
 Exit codes: 0 done, 1 error, 2 usage or no key, ${EXIT_MAX_TURNS} --max-turns reached, 130 Ctrl-C.
-REPL commands: /tasks, /kill <id prefix>, /cost, /help, exit or q (Ctrl-D) to quit.`;
+REPL commands: /tasks, /kill <id prefix>, /cost, /help, exit or q (Ctrl-D) to quit;
+  Ctrl+B moves a running bash command to the background.`;
 
 /** The command line, parsed. */
 export interface CliOptions {
@@ -3264,6 +3424,8 @@ export interface CliOptions {
   continueLast: boolean;
   /** --session-id. */
   sessionId: string | null;
+  /** --background-after SEC: a foreground bash still running then moves to the background. */
+  backgroundAfterSec: number | null;
 }
 
 /** The options parseArgs knows, with their types. */
@@ -3294,6 +3456,7 @@ const CLI_OPTIONS = {
   resume: { type: "string", short: "r" },
   continue: { type: "boolean", short: "c" },
   "session-id": { type: "string" },
+  "background-after": { type: "string" },
 } as const;
 
 /** The command line, parsed by node:util's parseArgs (both runtimes have it). */
@@ -3334,6 +3497,11 @@ export function parseArgs(args: string[]): CliOptions {
   const budget = values["max-budget-usd"] === undefined ? null : Number(values["max-budget-usd"]);
   if (budget !== null && !(budget > 0)) throw new Error("--max-budget-usd needs an amount above 0");
   const inputFormatIsStream = values["input-format"] === "stream-json";
+  const after = values["background-after"];
+  const backgroundAfterSec = after === undefined ? null : Number(after);
+  if (backgroundAfterSec !== null && !(backgroundAfterSec >= 0 && after!.trim() !== "")) {
+    throw new Error("--background-after needs seconds (0 or more; 0: never)");
+  }
   const options: CliOptions = {
     print: !inputFormatIsStream && ((values.print ?? false) || positionals.length > 0),
     prompt: positionals[0] ?? null,
@@ -3365,6 +3533,7 @@ export function parseArgs(args: string[]): CliOptions {
     resume: values.resume ?? null,
     continueLast: values.continue ?? false,
     sessionId: values["session-id"] ?? null,
+    backgroundAfterSec,
   };
   if (options.permissions.askClient && !inputFormatIsStream) {
     throw new Error("--permission-prompt-tool stdio needs --input-format stream-json (a client)");
@@ -3448,6 +3617,11 @@ export function readConfig(
     authToken: env.ANTHROPIC_AUTH_TOKEN || null,
     baseURL: env.ANTHROPIC_BASE_URL || null,
     streamIdleSec: positive(env.S08_STREAM_IDLE_SEC, 90),
+    handOffAfterSec: env.S08_BACKGROUND_AFTER_SEC !== undefined &&
+        Number.isFinite(Number(env.S08_BACKGROUND_AFTER_SEC)) &&
+        Number(env.S08_BACKGROUND_AFTER_SEC) >= 0
+      ? Number(env.S08_BACKGROUND_AFTER_SEC)
+      : DEFAULT_HAND_OFF_SEC,
     contextWindow: positive(env.S08_CONTEXT_WINDOW, 200_000),
   };
 }
@@ -3466,6 +3640,8 @@ export interface Config {
   baseURL: string | null;
   /** A model stream that sends no event for this long is aborted and retried. */
   streamIdleSec: number;
+  /** A foreground bash still running after this long moves to the background (0: never). */
+  handOffAfterSec: number;
   /** The model's context window in tokens; old tool results are cleared before it fills. */
   contextWindow: number;
 }
@@ -3512,6 +3688,7 @@ export function runSlashCommand(line: string, session: SlashContext): string {
       "/tasks          list background tasks",
       "/kill <id>      stop a background task (any unique prefix of its id)",
       "/cost           tokens used (cache reads and writes too) and an estimate in dollars",
+      "Ctrl+B          while bash runs: move it to the background (it goes on as a task)",
       "/help           this list",
       "exit, q         quit (running tasks are killed)",
     ].join("\n");
@@ -3622,8 +3799,8 @@ interface Session {
   tools: ToolDefinition[];
   /** A system prompt the client gave (initialize), in place of ours. */
   system?: string;
-  /** Moves the running foreground command to the background; false when none runs. */
-  handOff(toolUseId?: string): boolean;
+  /** The running foreground commands, for Ctrl+B and background_tasks. */
+  handOffs: HandOffs;
 }
 
 /**
@@ -3651,7 +3828,12 @@ function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions 
   const { model, background, stats, config, stopping } = session;
   const signal = more.signal ? AbortSignal.any([more.signal, stopping.signal]) : stopping.signal;
   const limits = { maxTurns: session.maxTurns ?? undefined, contextWindow: config.contextWindow };
-  const asked = { system: session.system, tools: session.tools };
+  const asked = {
+    system: session.system,
+    tools: session.tools,
+    handOffs: session.handOffs,
+    handOffAfterSec: config.handOffAfterSec,
+  };
   return {
     model,
     background,
@@ -3937,6 +4119,7 @@ class Repl {
     this.rl.on("line", (line) => this.onLine(line));
     this.rl.on("close", () => this.onInputClosed());
     this.rl.on("SIGINT", () => this.onInterrupt());
+    if (this.interactive) process.stdin.on("keypress", (_text, key) => this.onKey(key));
     const { config, model } = this.session;
     this.err.line(
       `s08, the Background Tasks agent · model: ${model.name} · workspace: ` +
@@ -4000,6 +4183,16 @@ class Repl {
   private onInputClosed(): void {
     this.inputClosed = true; // EOF: finish what was typed first
     if (!this.busy) void this.processQueue();
+  }
+
+  /** Ctrl+B during a turn: the running bash command goes on in the background. */
+  private onKey(key: { ctrl?: boolean; name?: string } | undefined): void {
+    if (!key?.ctrl || key.name !== "b" || !this.busy) return;
+    if (this.session.handOffs.handOff()) {
+      this.err.stopSpinner();
+      this.out.endLine();
+      this.err.line("(Ctrl+B: the command goes on in the background)", "yellow");
+    }
   }
 
   private onInterrupt(): void {
@@ -4287,6 +4480,7 @@ export async function main(args: string[]): Promise<void> {
   const { config, ignored } = configFrom(process.env, readDotEnv(path.join(process.cwd(), ".env")));
   if (ignored) warnOnce("dotenv", ignored);
   if (options.model) config.model = options.model;
+  if (options.backgroundAfterSec !== null) config.handOffAfterSec = options.backgroundAfterSec;
   const hasKey = Boolean(config.apiKey || config.authToken);
   if (hasKey && !options.demo && !denoPermissionsGranted(["net"], false)) process.exit(2);
   if (!hasKey && !options.demo && (options.print || options.inputFormat === "stream-json")) {
@@ -4396,7 +4590,7 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     keepLogs: options.keepLogs,
     tools: TOOLS.filter((t) => !options.permissions.disallowed.has(t.name)),
     system: options.systemPrompt ?? undefined,
-    handOff: () => false,
+    handOffs: new HandOffs(),
     foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
   };
   if (options.appendSystemPrompt) {
@@ -5109,7 +5303,7 @@ class StreamSession {
       }
       case "background_tasks":
         return {
-          backgrounded: session.handOff(
+          backgrounded: session.handOffs.handOff(
             typeof request.tool_use_id === "string" ? request.tool_use_id : undefined,
           ),
         };
