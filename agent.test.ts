@@ -1082,6 +1082,36 @@ section("3. The background tools", 4, () => {
     assert.match(end.text, /\(it ended before any line matched ready \/Local:\/\)/);
   });
 
+  test("tools: watch reports every matching line; a burst of 1,000 stays bounded and counted", async () => {
+    const { bg, run } = fixture();
+    const started = await run("background_run", {
+      command: 'for i in $(seq 1 1000); do echo "FAIL test_$i"; echo ok; done; echo done',
+      watch: "^FAIL",
+    });
+    const id = started.content.match(/task (\w{8})/)![1];
+    await bg.tasks.get(id)!.ended;
+    const queued = bg.drain();
+    const watched = queued.filter((n) => n.kind === "watch");
+    assert.ok(watched.length <= 12, `the queue stays small: ${watched.length}`);
+    const told = watched.filter((n) => !/more matching lines/.test(n.text));
+    assert.deepEqual(told.map((n) => n.text), told.map((_, i) => `watch: FAIL test_${i + 1}`));
+    const counted = watched.map((n) => Number(n.text.match(/^watch: (\d+) more/)?.[1] ?? 0));
+    assert.equal(told.length + counted.reduce((a, b) => a + b, 0), 1000, "every line counted");
+    assert.equal(queued.at(-1)!.kind, "ended", "the end comes last");
+    const block = formatBackgroundResults(queued);
+    assert.ok(block.split("\n").length <= 2 + 12, "one bounded block");
+    assert.match(block, /\[bg:\w{8}\] watch: FAIL test_1\n/);
+    // Many notices for one task within a block: the first ten, then how many more.
+    const many = Array.from({ length: 30 }, (_, i) => ({
+      taskId: id,
+      kind: "watch" as const,
+      text: `watch: FAIL t${i}`,
+    }));
+    const lines = formatBackgroundResults(many).split("\n").slice(1, -1);
+    assert.equal(lines.length, 11);
+    assert.match(lines[10], /watch: 20 more matching lines/);
+  });
+
   test("tools: a quiet task is noticed once, and again only after it printed again", async () => {
     const { bg, file } = fixture();
     const id = bg.run(
@@ -3152,6 +3182,56 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
+  test("scripting: background_tasks (the SDK's backgroundTasks()) moves a running bash; its end is told once", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply({
+          tool: "bash",
+          input: { command: "echo started; while [ ! -f go ]; do sleep 0.02; done; echo finished" },
+        })
+        : scriptedReply(`Reply ${index}: ${JSON.stringify(body.messages.at(-1)).slice(0, 300)}`)
+    );
+    try {
+      const agent = startAgent(
+        ["--input-format=stream-json", "--output-format=stream-json", "--background-after=0"],
+        { cwd: dir, env: api.env },
+      );
+      const send = (line: unknown) => agent.child.stdin.write(JSON.stringify(line) + "\n");
+      const background = { subtype: "background_tasks" };
+      send({ type: "control_request", request_id: "b0", request: background });
+      send({ type: "user", message: { role: "user", content: "build it" } });
+      await eventually(() => agent.output().includes('"name":"bash"'), "the bash call");
+      await new Promise((resolve) => setTimeout(resolve, 200)); // it runs, in the foreground
+      send({ type: "control_request", request_id: "b1", request: background });
+      await eventually(() => agent.output().includes('"request_id":"b1"'), "the answer");
+      await eventually(() => agent.output().includes('"type":"result"'), "the turn's end");
+      fs.writeFileSync(path.join(dir, "go"), "");
+      await eventually(() => agent.output().split('"type":"result"').length === 3, "the wake-up");
+      agent.child.stdin.end();
+      const { code, stdout } = await agent.exited;
+      assert.equal(code, 0, agent.output());
+      const events = validStream(stdout);
+      const answers = events.filter((e) => e.type === "control_response").map((e) => e.response);
+      assert.deepEqual(answers.map((a) => [a.request_id, a.response.backgrounded]), [
+        ["b0", false],
+        ["b1", true],
+      ]);
+      const call = events.find((e) => e.message?.content?.[0]?.name === "bash").message.content[0];
+      const result = events.find((e) => e.message?.content?.[0]?.type === "tool_result");
+      assert.match(
+        result.message.content[0].content,
+        /^moved by the user after .* Output so far: started/,
+      );
+      const ends = events.filter((e) => e.subtype === "task_notification");
+      assert.equal(ends.length, 1);
+      assert.deepEqual([ends[0].status, ends[0].tool_use_id], ["completed", call.id]);
+      assert.match(ends[0].preview, /started \| finished/);
+    } finally {
+      await api.close();
+    }
+  });
+
   // The official client: @anthropic-ai/claude-agent-sdk's query() spawns agent.ts as it
   // spawns Claude Code (pathToClaudeCodeExecutable) and speaks stream-json to it.
   /** A message as query() yields it: JSON of many shapes, read field by field. */
@@ -3771,6 +3851,43 @@ section("8–9. The offline demo and the command line", 5, () => {
         } finally {
           await api.close();
         }
+      }
+    },
+  );
+
+  test(
+    "terminal: Ctrl+B moves a running bash command to the background, with one line",
+    needsTmux,
+    async () => {
+      const dir = workspace();
+      const api = await startFakeApi((_body, index) =>
+        index === 0
+          ? scriptedReply({
+            tool: "bash",
+            input: { command: "echo working; while [ ! -f go ]; do sleep 0.02; done; echo built" },
+          })
+          : scriptedReply(index === 1 ? "Handed off." : "Noted.")
+      );
+      try {
+        const agent = startAgentInTmux(["--no-wake"], { cwd: dir, env: api.env });
+        await eventually(() => agent.screen().endsWith("s08 >>"), "the prompt");
+        agent.submit("build it");
+        await eventually(() => agent.screen().includes("> bash: echo working"), "the command");
+        agent.key("C-b");
+        await eventually(() => agent.screen().includes("Handed off."), "the turn goes on");
+        const screen = agent.screen();
+        assert.equal(screen.split("(Ctrl+B: the command goes on in the background)").length, 2);
+        assert.match(screen, /moved by the user after/);
+        fs.writeFileSync(path.join(dir, "go"), "");
+        await eventually(() => /\[bg:\w{8}\] completed/.test(agent.screen()), "its end, once");
+        agent.submit("/help");
+        await eventually(() => agent.screen().includes("Ctrl+B "), "/help says so");
+        agent.submit("exit");
+        await eventually(() => agent.exitCode() !== null, "the exit");
+        assert.equal(agent.exitCode(), 0);
+        await agent.kill();
+      } finally {
+        await api.close();
       }
     },
   );

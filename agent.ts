@@ -85,10 +85,11 @@ export interface BackgroundTask {
   /** Resolves once it has ended and its notification is queued. */ readonly ended: Promise<void>;
 }
 
-/** What the model should hear about a task: it ended, became ready, went quiet, or asks. */
+/** What the model should hear about a task: it ended, became ready, went quiet, asks, or printed
+ * a line its `watch` pattern matches. */
 export interface Notification {
   /** The task it is about. */ taskId: string;
-  /** What happened. */ kind: "ended" | "ready" | "quiet" | "input";
+  /** What happened. */ kind: "ended" | "ready" | "quiet" | "input" | "watch";
   /** In the process's own words: "completed (exit 0, 5.0s): done". */ text: string;
 }
 
@@ -205,7 +206,7 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
     name: "background_run",
     description: "Start a long-running shell command in the background and return its task " +
       "id at once. You are told in a <background-results> block when it ends, when its " +
-      "output matches `ready`, or when it goes quiet.",
+      "output matches `ready` (once) or `watch` (every line), or when it goes quiet.",
     input_schema: {
       type: "object",
       properties: {
@@ -219,6 +220,11 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
         quiet_after: {
           type: "integer",
           description: "Seconds of silence before you are told (default 60; 0: never).",
+        },
+        watch: {
+          type: "string",
+          description: "A regular expression (RE2); every matching output line is reported " +
+            "as it happens (FAIL lines of a test run, ERROR lines of a server), a burst summed up.",
         },
       },
       required: ["command"],
@@ -442,7 +448,9 @@ export interface ShellOptions {
   /** Seconds without output before "quiet" (default 60 when someone listens; 0: off). */
   quietAfterSec?: number;
   /** The process reports what it noticed, in its own words. */
-  onEvent?: (kind: "ready" | "quiet" | "input", text: string) => void;
+  onEvent?: (kind: "ready" | "quiet" | "input" | "watch", text: string) => void;
+  /** Every output line that matches is reported ("watch: FAIL test_upload"), a burst bounded. */
+  watch?: SafePattern | null;
 }
 
 let childEnvironment: Record<string, string | undefined> | null = null;
@@ -1559,6 +1567,10 @@ const DEFAULT_QUIET_AFTER_SEC = 60;
 const MAX_WAIT_SEC = 600;
 /** The newest finished tasks keep their output in memory and their log on disk. */
 export const KEEP_OUTPUT_OF_FINISHED = 64;
+/** A task's watch lines told within a second; the rest of a burst is counted. */
+const WATCH_LINES_PER_SEC = 10;
+/** A task's watch lines in one results block; the rest is counted. */
+const WATCH_LINES_PER_BLOCK = 10;
 /** A last line without a newline is tested against `ready` once output paused this long. */
 const PARTIAL_LINE_SETTLE_MS = 500;
 /** Output that ends in a question and stays unchanged this long is reported once. */
@@ -1613,6 +1625,27 @@ class LineScanner {
 
   /** Returns the matching line, or null. One linear scan per chunk. */
   push(chunk: Buffer): string | null {
+    const complete = this.completeLines(chunk);
+    if (complete === null) return null;
+    const at = this.pattern.search(complete);
+    if (at === -1) return null;
+    const start = complete.lastIndexOf("\n", at) + 1;
+    const end = complete.indexOf("\n", at);
+    const line = complete.slice(start, end === -1 ? undefined : end);
+    if (this.pattern.test(line)) return line;
+    // The match ran across lines (a class like [^x] matches \n): test each line on its own.
+    return complete.split("\n").find((l) => this.pattern.test(l)) ?? null;
+  }
+
+  /** Every whole line of this chunk (and the one it finishes) that matches, in order. */
+  pushAll(chunk: Buffer): string[] {
+    const complete = this.completeLines(chunk);
+    if (complete === null || this.pattern.search(complete) === -1) return [];
+    return complete.split("\n").filter((line) => this.pattern.test(line));
+  }
+
+  /** The lines this chunk completes, as text; null while a line is still being printed. */
+  private completeLines(chunk: Buffer): string | null {
     const bytes = this.cutCharacter.length > 0 ? Buffer.concat([this.cutCharacter, chunk]) : chunk;
     const whole = completeUtf8(bytes);
     this.cutCharacter = whole === bytes.length ? NO_BYTES : Buffer.from(bytes.subarray(whole));
@@ -1624,14 +1657,7 @@ class LineScanner {
     }
     const complete = this.partial + decoded.slice(0, lastNewline); // whole lines only
     this.partial = cutText(decoded.slice(lastNewline + 1), MAX_SCANNED_LINE);
-    const at = this.pattern.search(complete);
-    if (at === -1) return null;
-    const start = complete.lastIndexOf("\n", at) + 1;
-    const end = complete.indexOf("\n", at);
-    const line = complete.slice(start, end === -1 ? undefined : end);
-    if (this.pattern.test(line)) return line;
-    // The match ran across lines (a class like [^x] matches \n): test each line on its own.
-    return complete.split("\n").find((l) => this.pattern.test(l)) ?? null;
+    return complete;
   }
 
   /** A last line without a newline (a prompt, a banner) counts once output has paused. */
@@ -1677,6 +1703,8 @@ class IdleWatcher {
 /** What a background process notices in its output: a ready line, silence, a question. */
 class OutputWatchers {
   private scanner: LineScanner | null;
+  private watchScanner: LineScanner | null;
+  private watchReport: WatchReport | null;
   private idle: IdleWatcher[] = [];
   private asked = false; // a question is named once per task
 
@@ -1685,6 +1713,8 @@ class OutputWatchers {
   constructor(private proc: ShellProcess, options: ShellOptions) {
     const say = this.say = options.onEvent!;
     this.scanner = options.ready ? new LineScanner(options.ready) : null;
+    this.watchScanner = options.watch ? new LineScanner(options.watch) : null;
+    this.watchReport = options.watch ? new WatchReport(say) : null;
     const quietSec = Math.min(options.quietAfterSec ?? DEFAULT_QUIET_AFTER_SEC, MAX_TIMER_SEC);
     if (quietSec > 0) {
       this.idle.push(
@@ -1721,12 +1751,14 @@ class OutputWatchers {
       const line = this.scanner.push(chunk);
       if (line !== null) this.becomeReady(line);
     }
+    if (this.watchScanner !== null) this.watchReport!.matched(this.watchScanner.pushAll(chunk));
     const now = Date.now(); // once per chunk, for every watcher
     for (const watcher of this.idle) watcher.outputArrived(now);
   }
 
   stop(): void {
     for (const watcher of this.idle) watcher.stop();
+    this.watchReport?.flush(); // what a burst held back is told before the end
   }
 
   private becomeReady(line: string): void {
@@ -1735,8 +1767,45 @@ class OutputWatchers {
   }
 }
 
-/** What background_run may ask for, checked: a timeout, a ready pattern, quiet_after. */
-export type WatchOptions = Pick<ShellOptions, "timeoutSec" | "ready" | "quietAfterSec">;
+/**
+ * Every watched line is news, but a burst is told as its first WATCH_LINES_PER_SEC lines in a
+ * second and then, a second later, how many more matched: the queue and the context stay bounded.
+ */
+class WatchReport {
+  private toldThisSecond = 0;
+  private held = 0;
+  private lastHeld = "";
+  private timer: ReturnType<typeof setTimeout> | null = null;
+
+  constructor(private say: NonNullable<ShellOptions["onEvent"]>) {}
+
+  matched(lines: string[]): void {
+    for (const line of lines) {
+      const shown = cutText(cleanOutput(line).trim(), 300);
+      if (this.toldThisSecond < WATCH_LINES_PER_SEC) {
+        this.toldThisSecond++;
+        this.say("watch", `watch: ${shown}`);
+      } else [this.held, this.lastHeld] = [this.held + 1, shown];
+    }
+    if (this.timer === null && this.toldThisSecond > 0) {
+      this.timer = setTimeout(() => this.flush(), 1000);
+      this.timer.unref();
+    }
+  }
+
+  /** Tells what was held back, and opens a new second. */
+  flush(): void {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    this.toldThisSecond = 0;
+    if (this.held === 0) return;
+    this.say("watch", `watch: ${this.held} more matching lines (the last: ${this.lastHeld})`);
+    this.held = 0;
+  }
+}
+
+/** What background_run may ask for, checked: a timeout, ready and watch patterns, quiet_after. */
+export type WatchOptions = Pick<ShellOptions, "timeoutSec" | "ready" | "quietAfterSec" | "watch">;
 
 /** background_run's input as ShellOptions; every field is checked before anything starts. */
 function watchOptionsFrom(input: Record<string, unknown>): WatchOptions {
@@ -1748,6 +1817,7 @@ function watchOptionsFrom(input: Record<string, unknown>): WatchOptions {
   return {
     timeoutSec: timeoutFrom(input, DEFAULT_BACKGROUND_TIMEOUT_SEC),
     ready: input.ready === undefined ? null : new SafePattern(input.ready as string, "ready"),
+    watch: input.watch === undefined ? null : new SafePattern(input.watch as string, "watch"),
     quietAfterSec: quiet,
   };
 }
@@ -1925,6 +1995,7 @@ function floodSafe(
   notifications: Notification[],
   format: (notification: Notification) => string,
 ): string[] {
+  notifications = boundWatchLines(notifications);
   const lines: string[] = [];
   let chars = 0;
   let at = 0;
@@ -1935,7 +2006,7 @@ function floodSafe(
     chars += line.length;
   }
   const rest = notifications.slice(at);
-  for (const kind of ["ended", "ready", "quiet", "input"] as const) {
+  for (const kind of ["ended", "ready", "quiet", "input", "watch"] as const) {
     const ofKind = rest.filter((n) => n.kind === kind);
     if (ofKind.length === 0) continue;
     const how = new Map<string, number>();
@@ -1951,6 +2022,35 @@ function floodSafe(
     );
   }
   return lines;
+}
+
+/** In one block, a task's watch lines: the first WATCH_LINES_PER_BLOCK, then how many more. */
+function boundWatchLines(notifications: Notification[]): Notification[] {
+  const seen = new Map<string, number>();
+  const more = new Map<string, Notification>();
+  const kept: Notification[] = [];
+  for (const n of notifications) {
+    if (n.kind !== "watch") {
+      kept.push(n);
+      continue;
+    }
+    const count = (seen.get(n.taskId) ?? 0) + 1;
+    seen.set(n.taskId, count);
+    const extra = Number(n.text.match(/^watch: (\d+) more matching lines/)?.[1] ?? 1);
+    if (count <= WATCH_LINES_PER_BLOCK && extra === 1) kept.push(n);
+    else {
+      let summary = more.get(n.taskId);
+      if (!summary) {
+        summary = { taskId: n.taskId, kind: "watch", text: "watch: 0 more matching lines" };
+        more.set(n.taskId, summary);
+        kept.push(summary);
+      }
+      const total = Number(summary.text.match(/\d+/)![0]) + extra;
+      summary.text =
+        `watch: ${total} more matching lines (check_background with filter shows them)`;
+    }
+  }
+  return kept;
 }
 
 // How a process's state is said, everywhere: the model, the notices and /tasks share these.
