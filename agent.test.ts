@@ -2904,6 +2904,83 @@ section("8–9. The offline demo and the command line", 5, () => {
     });
   }
 
+  /** The code block that follows `<!-- marker -->` in the README: recipes are run as written. */
+  function readmeBlock(marker: string): string {
+    const readme = fs.readFileSync(path.join(repoDir, "README.md"), "utf8");
+    const after = readme.split(`<!-- ${marker} -->\n`)[1];
+    assert.ok(after, `the README has a ${marker} block`);
+    return after.split("\n").slice(1, after.split("\n").indexOf("```", 1)).join("\n");
+  }
+
+  test("readme: the Agent SDK example works as written, saved in the agent's folder", {
+    skip: isDeno && "the example runs under Node",
+    slow: true,
+  }, async () => {
+    const api = await startFakeApi((_body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "background_run", input: { command: "sleep 1; echo 3 passed" } })
+        : scriptedReply(index === 1 ? "Started." : "All 3 passed.")
+    );
+    try {
+      const agentFolder = workspace(); // stands in for the clone: its files, by link
+      for (const name of ["agent.ts", "node_modules", "package.json"]) {
+        fs.symlinkSync(path.join(repoDir, name), path.join(agentFolder, name));
+      }
+      fs.writeFileSync(path.join(agentFolder, "sdk-demo.mjs"), readmeBlock("sdk-example"));
+      const project = workspace();
+      const run = await runShell(
+        `node ${agentFolder}/sdk-demo.mjs`,
+        project,
+        agentEnv(api.env),
+      );
+      assert.equal(run.status, 0, run.stderr);
+      assert.match(
+        run.stdout,
+        /^Started\.\ntask \w{8}: completed \(exit 0\)\nAll 3 passed\.\n$/,
+        run.stderr,
+      );
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("readme: the CI recipe goes on once the server is ready, then reads the result", {
+    skip: (isDeno && "the recipe runs npm") ||
+      (spawnSync("jq", ["--version"]).status !== 0 && "needs jq"),
+    slow: true,
+  }, async () => {
+    const api = await startFakeApi((body, index) => {
+      const id = JSON.stringify(body.messages).match(/\[bg:(\w{8})\] ready/)?.[1];
+      if (index === 0) {
+        const command = "echo booting; sleep 0.3; echo listening on 4000; sleep 60";
+        return scriptedReply({ tool: "background_run", input: { command, ready: "listening" } });
+      }
+      if (id && !JSON.stringify(body.messages).includes("was killed")) {
+        return scriptedReply({ tool: "kill_background", input: { task_id: id } });
+      }
+      return scriptedReply(id ? "Stopped." : "Started.");
+    });
+    try {
+      const dir = workspace();
+      const recipe = readmeBlock("ci-recipe")
+        .replace("npm --silent start", `npm --silent --prefix ${repoDir} start`);
+      const run = await runShell(recipe, dir, agentEnv(api.env));
+      assert.equal(run.status, 0, run.stderr);
+      assert.equal(run.stdout, "it is up\nsuccess\n");
+      const events = fs.readFileSync(path.join(dir, "events.jsonl"), "utf8").trim().split("\n")
+        .map((line) => JSON.parse(line));
+      assert.deepEqual(
+        events.filter((e) => e.subtype === "task_notification").map((e) => e.status),
+        [
+          "stopped",
+        ],
+      );
+      assert.equal(events.at(-1).result, "Stopped.");
+    } finally {
+      await api.close();
+    }
+  });
+
   test("trust: a repository's .env endpoint never sees the user's key; the terminal gets no escapes", async () => {
     const dir = workspace();
     const attacker = await startFakeApi(() =>

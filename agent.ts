@@ -3441,7 +3441,7 @@ function unquote(text: string): string {
 // ---------------------------------------------------------------------------
 
 /** The agent's version, as scripts see it in the stream's init event. */
-const VERSION = "1.1.0";
+const VERSION = "2.0.0";
 
 /** Exit codes: 0 done, 1 error, 2 usage, 3 --max-turns reached, 128+n a signal. */
 const EXIT_MAX_TURNS = 3;
@@ -5477,7 +5477,12 @@ function isMainModule(): boolean {
   const meta = import.meta as ImportMeta & { main?: boolean };
   if (typeof meta.main === "boolean") return meta.main; // Deno (and newer Node)
   const script = process.argv[1];
-  return script !== undefined && import.meta.url === pathToFileURL(path.resolve(script)).href;
+  if (script === undefined) return false;
+  try { // started through a link (~/bin/agent.ts -> the clone): the module is the link's target
+    return import.meta.url === pathToFileURL(fs.realpathSync(script)).href;
+  } catch {
+    return false;
+  }
 }
 
 if (isMainModule()) {
