@@ -749,9 +749,12 @@ section("1. Configuration", 1, () => {
       authToken: null,
       baseURL: null,
       streamIdleSec: 5,
+      handOffAfterSec: 15,
       contextWindow: 200_000,
     });
     assert.equal(readConfig({}, "/w").streamIdleSec, 90);
+    assert.equal(readConfig({ S08_BACKGROUND_AFTER_SEC: "0" }, "/w").handOffAfterSec, 0, "off");
+    assert.equal(readConfig({ S08_BACKGROUND_AFTER_SEC: "-3" }, "/w").handOffAfterSec, 15);
     assert.equal(readConfig({ S08_CONTEXT_WINDOW: "50000" }, "/w").contextWindow, 50_000);
   });
 
@@ -762,6 +765,34 @@ section("1. Configuration", 1, () => {
     assert.equal(userFolder({}, root, root), root, "none set");
     assert.equal(userFolder({ INIT_CWD: "relative" }, root, root), root, "not absolute");
     assert.equal(userFolder({ INIT_CWD: path.join(user, "gone") }, root, root), root, "no folder");
+  });
+
+  test("config: deno.lock pins every package to the version package-lock.json pins", () => {
+    const denoLock = JSON.parse(fs.readFileSync(path.join(repoDir, "deno.lock"), "utf8"));
+    const npmLock = JSON.parse(fs.readFileSync(path.join(repoDir, "package-lock.json"), "utf8"));
+    const npmVersions = new Map<string, string>();
+    for (
+      const [where, entry] of Object.entries(
+        npmLock.packages as Record<string, { version?: string }>,
+      )
+    ) {
+      if (where.startsWith("node_modules/") && entry.version) {
+        npmVersions.set(where.replace(/^.*node_modules\//, ""), entry.version);
+      }
+    }
+    const pinned = Object.keys(denoLock.npm as Record<string, unknown>);
+    assert.ok(pinned.length >= 8, "the lock lists the packages");
+    for (const key of pinned) {
+      const [, name, version] = key.match(/^(@?[^@]+)@([^_]+)/)!;
+      if (!npmVersions.has(name)) continue; // an override's stand-in, or one npm leaves out
+      assert.equal(
+        version,
+        npmVersions.get(name),
+        `${name}: deno.lock and package-lock.json agree`,
+      );
+    }
+    const json = fs.readFileSync(path.join(repoDir, "deno.json"), "utf8");
+    assert.match(json, /"lock": \{ "path": "deno\.lock", "frozen": true \}/);
   });
 
   test("config: .env is read with the runtime's parser; the user's environment wins", () => {
@@ -2587,7 +2618,7 @@ section("8–9. The offline demo and the command line", 5, () => {
     assert.equal(code, 0, stderr);
     assert.match(stderr, /\[bg:\w{8}\] ready \([\d.]+s\): Local: http:\/\/localhost:5173\//);
     assert.match(stdout, /The dev server is ready: Local: http:\/\/localhost:5173\/\./);
-    assert.match(stderr, /Task \w{8} was killed\./);
+    assert.match(stderr, /Task \w{8} was killed \(1 process ended\)\./);
   });
 
   test("demo: the REPL without a key plays the demo in a temporary folder and removes it on exit", {
@@ -2654,7 +2685,10 @@ section("8–9. The offline demo and the command line", 5, () => {
       resume: null,
       continueLast: false,
       sessionId: null,
+      backgroundAfterSec: null,
     });
+    assert.equal(parseArgs(["--background-after=0"]).backgroundAfterSec, 0);
+    assert.throws(() => parseArgs(["--background-after=soon"]), /--background-after needs/);
     // The command line the Claude Agent SDK builds: --verbose, and options as --flag=value.
     const sdk = parseArgs([
       "--output-format",
