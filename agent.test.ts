@@ -2595,6 +2595,24 @@ section("7. Models", 4, () => {
 // ---------------------------------------------------------------------------
 section("8–9. The offline demo and the command line", 5, () => {
   // 8. The offline demo
+  test("demo: a results block with a ready line still answers every other entry, once", async () => {
+    const block = "<background-results>\n" +
+      "[bg:aaaaaaaa] ready (2.0s): Local: http://localhost:5173/\n" +
+      "[bg:bbbbbbbb] failed (exit 1, 3.0s): test_parse ... ok | test_upload ... FAILED\n" +
+      "</background-results>";
+    const reply = await demoModel(0).createMessage({
+      system: "",
+      tools: [],
+      max_tokens: 100,
+      messages: [{ role: "user", content: [{ type: "text", text: block }] }],
+    }, {});
+    const text = reply.content.flatMap((b) => (b.type === "text" ? [b.text] : [])).join("\n");
+    assert.match(text, /The dev server is ready/);
+    assert.equal(text.split("test_upload ... FAILED").length, 2, "the failed test, once");
+    const kill = reply.content.find((b) => b.type === "tool_use");
+    assert.deepEqual(kill?.type === "tool_use" && kill.input, { task_id: "aaaaaaaa" });
+  });
+
   test("demo: one-shot, piped: no escape codes, waits for the background result", async () => {
     const dir = workspace();
     const { code, stdout, stderr } = await startAgent([
@@ -3902,7 +3920,7 @@ section("8–9. The offline demo and the command line", 5, () => {
           assert.ok(noticeRows.every((row) => row.length < columns), "the notice fits the width");
           assert.match(
             noticeRows.join(" "),
-            /^\[bg:\w{8}\] completed \(exit 0, [\d.]+s\) while \[ ! -f go \]; do sleep 0\.02; done; echo done$/,
+            /^\[bg:\w{8}\] completed \(exit 0, [\d.]+s\) while \[ ! -f go \]; do sleep 0\.02; done; echo done: done$/,
             "wrapped between words, nothing lost",
           );
           assert.equal(

@@ -3314,10 +3314,12 @@ function demoReplyToResults(results: string[]): ModelReply {
     return scriptedReply(`Background results arrived:\n${results.map((l) => `- ${l}`).join("\n")}`);
   }
   const id = ready.slice(4, 12);
+  const others = results.filter((line) => line !== ready); // every entry is answered
+  const also = others.length > 0 ? `\nAlso:\n${others.map((l) => `- ${l}`).join("\n")}` : "";
   return scriptedReply(
     `The dev server is ready: ${
       ready.slice(ready.indexOf(": ") + 2)
-    }. This is only a demo, so I'll stop it.`,
+    }. This is only a demo, so I'll stop it.${also}`,
     { tool: "kill_background", input: { task_id: id } },
   );
 }
@@ -3751,10 +3753,11 @@ export function promptText(running: number): string {
   return running > 0 ? `s08 [${running} running] >> ` : "s08 >> ";
 }
 
-/** "[bg:1a2b3c4d] completed (exit 0, 5.0s) sleep 5 && echo done": a live notice. */
+/** "[bg:1a2b3c4d] failed (exit 1, 3.0s) npm test: 2 passed, 1 failed": a live notice. */
 function formatNotice(notification: Notification, task: BackgroundTask): string {
+  const p = task.process;
   const what = notification.kind === "ended"
-    ? `${stateText(task.process)} ${oneLine(task.process.command, 80)}`
+    ? `${stateText(p)} ${oneLine(p.command, 60)}: ${cutAtWord(endPreview(p), 120)}`
     : cutAtWord(notification.text, 160);
   return `[bg:${task.id}] ${what}`;
 }
