@@ -21,6 +21,7 @@ import {
   colorsFor,
   type Config,
   configFrom,
+  connectionProblem,
   cutText,
   DEMO_PROMPTS,
   demoModel,
@@ -806,7 +807,12 @@ section("1. Configuration", 1, () => {
     const { config, ignored } = configFrom({ ANTHROPIC_API_KEY: "mine" }, dotEnv, "/w");
     assert.equal(config.model, "from-file");
     assert.equal(config.apiKey, "mine");
-    assert.equal(ignored, null);
+    assert.match(String(ignored), /^\.env: ignored ANTHROPIC_API_KEY \(your environment sets it\)/);
+    const url = configFrom({ ANTHROPIC_BASE_URL: "http://mine" }, {
+      ANTHROPIC_BASE_URL: "http://x",
+    });
+    assert.match(String(url.ignored), /ignored ANTHROPIC_BASE_URL \(your environment sets it\)/);
+    assert.equal(configFrom({ MODEL_ID: "same" }, { MODEL_ID: "same" }).ignored, null, "agrees");
     assert.deepEqual(readDotEnv(file + ".missing"), {});
   });
 
@@ -3584,6 +3590,45 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
+  test("cli: a bad base URL, a refused port and an unknown host each say what is wrong", async () => {
+    const notUrl = await startAgent(["-p", "hi"], {
+      cwd: workspace(),
+      env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "notaurl" },
+    }).exited;
+    assert.equal(notUrl.code, 2);
+    assert.equal(notUrl.stderr, 'error: ANTHROPIC_BASE_URL is not an http(s) URL: "notaurl"\n');
+    // A port nothing listens on: a server that was there and is gone.
+    const gone = await startFakeApi(() => scriptedReply("unused"));
+    await gone.close();
+    const refused = await startAgent(["-p", "hi", "--json"], {
+      cwd: workspace(),
+      env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: gone.url },
+    }).exited;
+    const port = new URL(gone.url).port;
+    assert.match(
+      JSON.parse(refused.stdout).result,
+      new RegExp(
+        `^cannot reach the API at ${gone.url}: connection refused: nothing listens on port ${port} \\(tried 4 times\\)$`,
+      ),
+    );
+    const dns = Object.assign(new Error("Connection error."), {
+      cause: Object.assign(new TypeError("fetch failed"), {
+        cause: Object.assign(new Error("getaddrinfo ENOTFOUND api.example.invalid"), {
+          code: "ENOTFOUND",
+        }),
+      }),
+    });
+    assert.equal(
+      connectionProblem(dns, "https://api.example.invalid"),
+      "unknown host api.example.invalid: no address found for it",
+    );
+    const denoDns = new Error("client error (Connect): dns error: failed to lookup address");
+    assert.match(
+      connectionProblem({ cause: denoDns }, "http://h.invalid:8"),
+      /^unknown host h\.invalid/,
+    );
+  });
+
   test(
     "cli: a dead API gives one readable line on stderr and exit code 1",
     { slow: true },
@@ -3593,7 +3638,10 @@ section("8–9. The offline demo and the command line", 5, () => {
         env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: "http://127.0.0.1:9" },
       }).exited;
       assert.equal(code, 1);
-      assert.match(stderr, /^error: cannot reach the API: Connection error\..*\n$/m);
+      assert.match(
+        stderr,
+        /^error: cannot reach the API at http:\/\/127\.0\.0\.1:9: port 9 is one that fetch refuses to use \(tried 4 times\)\n$/m,
+      );
       assert.doesNotMatch(stderr, /\n\s+at /, "no stack trace");
     },
   );

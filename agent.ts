@@ -3104,7 +3104,7 @@ function retryPlan(
   if (err instanceof StreamStalled) {
     return { why: `the API stream sent nothing for ${config.streamIdleSec}s`, delayMs: 0 };
   }
-  const why = describeApiError(Anthropic, err);
+  const why = describeApiError(Anthropic, err, config.baseURL ?? DEFAULT_BASE_URL);
   if (err instanceof Anthropic.APIConnectionError) return { why, delayMs: backoff };
   if (!(err instanceof Anthropic.APIError)) return { why, delayMs: null };
   const status = err.status;
@@ -3160,15 +3160,9 @@ async function streamOnce(
   }
 }
 
-function describeApiError(Anthropic: Sdk["default"], err: unknown): string {
+function describeApiError(Anthropic: Sdk["default"], err: unknown, baseURL: string): string {
   if (err instanceof Anthropic.APIConnectionError) {
-    const cause = (err as { cause?: Error }).cause;
-    const why = cause?.name === "NotCapable" || /Requires net access/.test(String(cause))
-      ? " (Deno needs --allow-net to reach the API)"
-      : cause?.message
-      ? ` (${cause.message})`
-      : "";
-    return `cannot reach the API: ${err.message}${why}`;
+    return `cannot reach the API at ${baseURL}: ${connectionProblem(err, baseURL)}`;
   }
   if (err instanceof Anthropic.APIError) {
     const type = (err.error as { error?: { type?: string } } | undefined)?.error?.type;
@@ -3176,6 +3170,36 @@ function describeApiError(Anthropic: Sdk["default"], err: unknown): string {
     return `API error${status}: ${err.apiMessage ?? err.message}`;
   }
   return err instanceof Error ? err.message : String(err);
+}
+
+/** Where the SDK sends requests when ANTHROPIC_BASE_URL is not set. */
+const DEFAULT_BASE_URL = "https://api.anthropic.com";
+
+/**
+ * Why a connection failed, from the innermost cause the runtime gives: a refused port, an
+ * unknown host, a port fetch will not use, a timeout, or Deno's missing permission.
+ */
+export function connectionProblem(err: unknown, baseURL: string): string {
+  const causes: Array<{ code?: string; message?: string; name?: string }> = [];
+  for (let at = err as { cause?: unknown } | undefined; at && causes.length < 8;) {
+    causes.push(at as { code?: string; message?: string; name?: string });
+    at = (at as { cause?: unknown }).cause as { cause?: unknown } | undefined;
+  }
+  const text = causes.map((c) => `${c.code ?? ""} ${c.name ?? ""} ${c.message ?? ""}`).join(" ");
+  const url = URL.canParse(baseURL) ? new URL(baseURL) : null;
+  const port = url?.port || (url?.protocol === "http:" ? "80" : "443");
+  if (/NotCapable|Requires net access/.test(text)) return "Deno needs --allow-net to reach it";
+  if (/ECONNREFUSED|Connection refused/i.test(text)) {
+    return `connection refused: nothing listens on port ${port}`;
+  }
+  if (/ENOTFOUND|EAI_AGAIN|dns error|Name or service not known|getaddrinfo/i.test(text)) {
+    return `unknown host ${url?.hostname ?? baseURL}: no address found for it`;
+  }
+  if (/bad port|are blocked/i.test(text)) return `port ${port} is one that fetch refuses to use`;
+  if (/ETIMEDOUT|timed out/i.test(text)) return "the connection timed out";
+  if (/ECONNRESET|reset/i.test(text)) return "the connection was reset";
+  const innermost = causes.at(-1)?.message ?? String(err);
+  return innermost.replace(/\.$/, "");
 }
 
 /** One step of a script: a reply, or a function that makes one from the request. */
@@ -3682,6 +3706,7 @@ export function configFrom(
   for (const [key, value] of Object.entries(dotEnv)) {
     if (!DOTENV_ALLOWED.includes(key)) ignored.push(key);
     else if (merged[key] === undefined || merged[key] === "") merged[key] = value;
+    else if (merged[key] !== value) ignored.push(`${key} (your environment sets it)`);
   }
   const keyFromDotEnv = ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"].some((k) =>
     merged[k] && merged[k] === dotEnv[k] && !env[k]
@@ -4582,6 +4607,13 @@ export async function main(args: string[]): Promise<void> {
   if (folder !== process.cwd()) process.chdir(folder); // the user's project, not the agent's
   const { config, ignored } = configFrom(process.env, readDotEnv(path.join(process.cwd(), ".env")));
   if (ignored) warnOnce("dotenv", ignored);
+  const badUrl = config.baseURL !== null && !isHttpUrl(config.baseURL);
+  if (badUrl) {
+    return failBeforeStart(
+      options,
+      `ANTHROPIC_BASE_URL is not an http(s) URL: "${config.baseURL}"`,
+    );
+  }
   if (options.model) config.model = options.model;
   if (options.backgroundAfterSec !== null) config.handOffAfterSec = options.backgroundAfterSec;
   const hasKey = Boolean(config.apiKey || config.authToken);
@@ -4618,6 +4650,11 @@ export async function main(args: string[]): Promise<void> {
   const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
   const skipped = playsDemo ? await playDemo(session) : false;
   new Repl(session, options.wake, skipped).start();
+}
+
+/** An address the API client can use: http:// or https://, host and all. */
+function isHttpUrl(text: string): boolean {
+  return URL.canParse(text) && ["http:", "https:"].includes(new URL(text).protocol);
 }
 
 const NO_KEY = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
