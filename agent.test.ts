@@ -1939,9 +1939,14 @@ section("5. Processes and output", 4, () => {
     const [note] = await notifications(bg, 1);
     const file = path.join(dir, "logs", `${id}.log`);
     assert.equal(fs.readFileSync(file, "utf8"), "1\n2\n3\n");
-    assert.equal(
-      note.text,
-      `completed (exit 0, ${note.text.match(/[\d.]+s/)![0]}): 1 | 2 | 3 (log: ${file} (6 bytes))`,
+    // The report shows all of it, so the log is not named.
+    assert.equal(note.text, `completed (exit 0, ${note.text.match(/[\d.]+s/)![0]}): 1 | 2 | 3`);
+    const long = bg.run("seq 1 2000");
+    const [longNote] = await notifications(bg, 1);
+    const longFile = path.join(dir, "logs", `${long}.log`);
+    assert.ok(
+      longNote.text.endsWith(`; the whole output: ${longFile} (8893 bytes)`),
+      longNote.text,
     );
     const ctx: ToolContext = { workdir: dir, background: bg };
     assert.equal(

@@ -32,6 +32,7 @@ import process from "node:process";
 //   LogFolder                    where each task's whole output goes, capped (6)
 //   endReport                    a finished task in one line: state, exit code, output (7)
 //   Retention                    only the newest finished tasks keep output and log (7)
+//   oneLine                      a command shown on one line, cut to fit (6)
 //   WatchOptions, watchOptionsFrom   background_run's ready / quiet_after / timeout, checked (7)
 //   checkTasks, taskList, killTask   what check_background and kill_background do (7)
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
@@ -119,7 +120,12 @@ export class BackgroundManager {
   /** Tasks run in `workdir`; options hold the limits, the logs and the callbacks. */
   constructor(readonly workdir: string, readonly options: ManagerOptions = {}) {}
 
-  /** Starts the command and returns its task id at once; the process runs on. */
+  /**
+   * Starts the command and returns its task id at once; the process runs on. What the
+   * tutorial's _execute thread did, ShellProcess does: the command runs with a timeout (then
+   * it and all it started are killed), its output is kept with a cap (head and tail in memory,
+   * the whole in a capped log), and its end resolves `done`, which queues one notification.
+   */
   run(command: string, watch: WatchOptions = {}): string {
     const id = this.newId();
     const log = this.options.logs?.open(id);
@@ -913,6 +919,15 @@ function writeNewFile(file: string, text: string): void {
 // Adds: output kept bounded in memory (head and tail), each task's whole output in a capped
 // log file opened on first output, and the cleaning every text from outside gets before it
 // reaches the model or the terminal.
+//
+// Every cap on output, in one place (each constant sits beside the code it bounds):
+//   OUTPUT_HEAD_BYTES + OUTPUT_TAIL_BYTES  25 KB + 25 KB  a task's output kept in memory (6)
+//   LOG_CAP_BYTES                          16 MB          one task's log: head, marker, tail (6)
+//   LOG_FOLDER_CAP_BYTES                   256 MB         all logs of a run; oldest go first (6)
+//   RESULTS_MAX_ENTRIES, RESULTS_MAX_CHARS 20, 8 KB       one <background-results> block (7)
+//   WATCH_LINES_PER_SEC, _PER_BLOCK        10, 10         watch lines of one task (7)
+//   TOOL_RESULT_MAX_CHARS                  60,000 chars   every tool result (8)
+//   READ_LIMIT_BYTES                       50 KB          what read_file returns at once (8)
 // ---------------------------------------------------------------------------
 
 /** Bytes of a task's output kept in memory: its start and its end. */
@@ -2085,7 +2100,12 @@ function endReport(proc: ShellProcess): string {
   if (proc.readyPattern && proc.readyLine === null) {
     report += ` (it ended before any line matched ready /${proc.readyPattern.source}/)`;
   }
-  if (proc.log && proc.log.bytesWritten > 0) report += ` (log: ${proc.log.describe()})`;
+  // A log is worth naming only when the report could not show all of the output.
+  const shownWhole = proc.output !== null && proc.output.omittedBytes() === 0 &&
+    proc.output.totalBytes <= 400;
+  if (proc.log && proc.log.bytesWritten > 0 && !shownWhole) {
+    report += `; the whole output: ${proc.log.describe()}`;
+  }
   return report;
 }
 
@@ -3008,10 +3028,15 @@ function estimateCost(model: string, stats: LoopStats): number | null {
 function usageLine(model: string, stats: LoopStats): string {
   const n = (value: number) => value.toLocaleString("en-US");
   const cost = estimateCost(model, stats);
-  return `${stats.modelCalls} model calls; tokens: ${n(stats.inputTokens)} in, ` +
+  const calls = `${stats.modelCalls} model call${stats.modelCalls === 1 ? "" : "s"}`;
+  return `${calls}; tokens: ${n(stats.inputTokens)} in, ` +
     `${n(stats.outputTokens)} out, cache: ${n(stats.cacheReadTokens)} read, ` +
     `${n(stats.cacheCreationTokens)} written; ` +
-    (cost === null ? "no price known for this model" : `about $${cost.toFixed(4)}`);
+    (model.startsWith("offline demo")
+      ? "nothing is billed: a scripted model"
+      : cost === null
+      ? "no price known for this model"
+      : `about $${cost.toFixed(4)}`);
 }
 
 /** A reply block as the history keeps it: a tool call's input is always an object. */
@@ -4327,7 +4352,7 @@ class Repl {
     if (!this.interactive) return void exitCleanly(this.session, 130); // piped: quit at once
     if (this.turn) return this.turn.abort(); // stops the model call or the blocking command
     if (this.rl.line !== "") return void this.rl.write(null, { ctrl: true, name: "u" });
-    if (this.ctrlCPressed) return void exitCleanly(this.session, 130);
+    if (this.ctrlCPressed) return void exitCleanly(this.session, 130, "Ctrl-C");
     this.ctrlCPressed = true;
     this.printAbovePrompt("(Ctrl-C again, or type exit, to quit)");
   }
@@ -4706,10 +4731,11 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     );
   }
   const logs = takeOwnership(options.keepLogs, cleanups);
+  const model = useDemo ? demoModel(process.stdout.isTTY ? 400 : 0) : anthropicModel(config);
+  if (useDemo) config = { ...config, model: model.name }; // /cost and the results name it
   const session: Session = {
     config,
-    // The demo model pauses as if thinking, for a person watching; piped output skips it.
-    model: useDemo ? demoModel(process.stdout.isTTY ? 400 : 0) : anthropicModel(config),
+    model, // the demo's pauses as if thinking, for a person watching; piped output skips it
     background: new BackgroundManager(config.workdir, {
       logs,
       onStart: (task) => session.foreground.taskStarted?.(task),
