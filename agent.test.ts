@@ -31,7 +31,9 @@ import {
   HELP,
   InterruptedError,
   KEEP_OUTPUT_OF_FINISHED,
+  loadTranscript,
   LogFolder,
+  type MessageParam,
   type ModelReply,
   type ModelRequest,
   newStats,
@@ -58,6 +60,8 @@ import {
   TaskLog,
   TOOL_RESULT_MAX_CHARS,
   type ToolContext,
+  Transcript,
+  transcriptFolder,
   userFolder,
   waitForTasks,
   wellFormed,
@@ -548,6 +552,7 @@ function agentEnv(more: Record<string, string> = {}): Record<string, string> {
   const env: Record<string, string> = {
     ...process.env as Record<string, string>,
     TMPDIR: testRoot,
+    XDG_STATE_HOME: path.join(testRoot, "state"), // transcripts, never the user's own
   };
   for (
     const key of ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "NO_COLOR"]
@@ -1632,6 +1637,78 @@ section("4. The agent loop", 4, () => {
     assert.match(JSON.stringify(history.at(-1)), /running \d/);
     assert.equal(messagesProblem(history), null);
     await stopAll(bg);
+  });
+
+  test("sessions: a transcript cut at any byte resumes into a valid history, or fails in one line; bad files stay as they are", () => {
+    const dir = workspace();
+    const file = path.join(dir, "s.jsonl");
+    const transcript = new Transcript(file, { id: "id-1", workspace: dir });
+    const bg = new BackgroundManager(dir);
+    const history: MessageParam[] = [{ role: "user", content: [{ type: "text", text: "hi" }] }];
+    transcript.save(history, bg);
+    history.push({
+      role: "assistant",
+      content: [{ type: "tool_use", id: "toolu_1", name: "bash", input: { command: "ls" } }],
+    });
+    transcript.save(history, bg); // then the agent died before the tool ran
+    history.push({
+      role: "user",
+      content: [{ type: "tool_result", tool_use_id: "toolu_1", content: "a.txt" }],
+    });
+    history.push({ role: "assistant", content: [{ type: "text", text: "One file." }] });
+    transcript.save(history, bg);
+    transcript.close();
+    const whole = fs.readFileSync(file);
+    for (let cut = 1; cut < whole.length; cut += 7) {
+      const part = path.join(dir, `cut-${cut}.jsonl`);
+      fs.writeFileSync(part, whole.subarray(0, cut), { mode: 0o600 });
+      try {
+        const loaded = loadTranscript(part);
+        const next = [...loaded.history];
+        appendUserText(next, "the next message"); // as the loop adds it
+        assert.equal(messagesProblem(next), null, `cut at ${cut}`);
+      } catch (err) {
+        assert.match((err as Error).message, /is not an agent\.ts transcript$/, `cut at ${cut}`);
+      }
+      assert.deepEqual(fs.readFileSync(part), whole.subarray(0, cut), "never rewritten");
+    }
+    const broken = path.join(dir, "broken.jsonl");
+    const lines = whole.toString().split("\n");
+    fs.writeFileSync(broken, [lines[0], "{not json", ...lines.slice(1)].join("\n"), {
+      mode: 0o600,
+    });
+    assert.throws(() => loadTranscript(broken), /line 2 is not JSON: the transcript is damaged/);
+    const future = path.join(dir, "future.jsonl");
+    fs.writeFileSync(future, whole.toString().replace('"version":1', '"version":9'), {
+      mode: 0o600,
+    });
+    assert.throws(() => loadTranscript(future), /of version 9; this agent reads version 1/);
+    const shared = path.join(dir, "shared.jsonl");
+    fs.writeFileSync(shared, whole, { mode: 0o644 });
+    fs.chmodSync(shared, 0o644);
+    assert.throws(() => loadTranscript(shared), /can be read by others/);
+    const link = path.join(dir, "link.jsonl");
+    fs.symlinkSync(file, link);
+    assert.throws(() => loadTranscript(link), /is not a regular file/);
+    assert.deepEqual(fs.readFileSync(broken).length, whole.length + 10, "left as it was");
+  });
+
+  test("loop: a reply cut off by the context window does not run its last call; the model is told", async () => {
+    const { dir, bg } = fixture();
+    const model = new ScriptedModel([
+      {
+        ...scriptedReply({ tool: "write_file", input: { path: "config.json", content: '{"a":' } }),
+        stop_reason: "model_context_window_exceeded",
+      },
+      scriptedReply("I will write it again, shorter."),
+    ]);
+    const history: MessageParam[] = [];
+    await agentLoop(history, "write the config", { model, background: bg, workdir: dir });
+    assert.equal(fs.existsSync(path.join(dir, "config.json")), false, "nothing half-written");
+    assert.match(
+      JSON.stringify(model.requests[1].messages.at(-1)),
+      /cut off \(max_tokens, or the context window\)/,
+    );
   });
 
   test("loop: task output cannot close the <background-results> block in any case or spacing", () => {
@@ -3575,6 +3652,196 @@ section("8–9. The offline demo and the command line", 5, () => {
       assert.match(result.result, /a note/, "read_file ran");
     } finally {
       await Promise.all([looping.close(), refusing.close(), narrow.close()]);
+    }
+  });
+
+  /** The transcripts the agents under test wrote (XDG_STATE_HOME is the test folder). */
+  function transcriptOf(dir: string, id: string): string {
+    return path.join(
+      transcriptFolder(dir, { XDG_STATE_HOME: path.join(testRoot, "state") }),
+      `${id}.jsonl`,
+    );
+  }
+
+  test("sessions: each is saved as it goes (private files); --resume, --resume=ID, --continue and the SDK's resume bring it back", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body) =>
+      scriptedReply(`Heard ${body.messages.filter((m) => m.role === "user").length} user messages`)
+    );
+    try {
+      const first = await startAgent(["-p", "remember: blue", "--json"], { cwd: dir, env: api.env })
+        .exited;
+      assert.equal(first.code, 0, first.stderr);
+      const id = JSON.parse(first.stdout).session_id;
+      const file = transcriptOf(dir, id);
+      assert.equal(fs.statSync(file).mode & 0o777, 0o600);
+      assert.equal(fs.statSync(path.dirname(file)).mode & 0o777, 0o700);
+      assert.equal(fs.existsSync(path.join(dir, ".s08")), false, "nothing in the repository");
+      const starts = [
+        ["--resume", id.slice(0, 8)],
+        [`--resume=${id}`],
+        ["--continue"],
+      ];
+      for (const [n, start] of starts.entries()) {
+        const run = await startAgent(["-p", `and now ${n}?`, "--json", ...start], {
+          cwd: dir,
+          env: api.env,
+        }).exited;
+        assert.equal(run.code, 0, run.stderr);
+        const result = JSON.parse(run.stdout);
+        assert.equal(result.session_id, id, `${start}: the same session`);
+        assert.equal(result.result, `Heard ${n + 2} user messages`, `${start}: the old history`);
+      }
+      const sdk = await sdkQuery("and via the SDK?", api, { cwd: dir, resume: id });
+      assert.equal(sdk.thrown, null, String(sdk.thrown));
+      assert.equal(sdk.results[0].result, "Heard 5 user messages");
+      assert.equal(sdk.messages.find((m) => m.subtype === "init").session_id, id);
+      const missing = await startAgent(["-p", "x", "--resume=nosuchid"], { cwd: dir, env: api.env })
+        .exited;
+      assert.equal(missing.code, 1);
+      assert.match(missing.stderr, /^error: no session nosuchid in this workspace/);
+      const taken = await startAgent(["-p", "x", `--session-id=${id}`], { cwd: dir, env: api.env })
+        .exited;
+      assert.match(taken.stderr, /exists already: --resume it/);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sessions: after SIGKILL, a resume tells the model once what became of the task that ran", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "background_run", input: { command: "sleep 300" } })
+        : scriptedReply(
+          `Saw: ${JSON.stringify(body.messages).match(/\[bg:\w{8}\] killed: [^"\\]*/g)}`,
+        )
+    );
+    try {
+      const agent = startAgent(["-p", "start it", "--output-format", "stream-json"], {
+        cwd: dir,
+        env: api.env,
+      });
+      await eventually(
+        () => agent.output().includes('"type":"result"') || api.requests.length >= 2,
+        "the turn",
+      );
+      await eventually(() => agent.output().includes("task_started"), "the task");
+      const id = agent.output().match(/"session_id":"([0-9a-f-]{36})"/)![1];
+      const taskId = agent.output().match(/"subtype":"task_started","task_id":"(\w{8})"/)![1];
+      agent.child.kill("SIGKILL"); // a crash: no clean-up at all
+      await agent.exited;
+      for (const round of [1, 2]) {
+        const run = await startAgent(["-p", `what happened ${round}?`, "--json", "--resume", id], {
+          cwd: dir,
+          env: api.env,
+        }).exited;
+        assert.equal(run.code, 0, run.stderr);
+        const userSide = api.requests.at(-1)!.messages.filter((m) => m.role === "user");
+        const told = JSON.stringify(userSide).split(`[bg:${taskId}] killed`).length - 1;
+        assert.equal(told, 1, `round ${round}: told exactly once in the whole history`);
+      }
+      assert.match(
+        JSON.stringify(api.requests.at(-2)!.messages),
+        /the agent died while it ran \(after at least \d+s\); its processes were ended/,
+      );
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sessions: /resume in the REPL lists this workspace's sessions and opens one", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body) =>
+      scriptedReply(`Heard ${body.messages.filter((m) => m.role === "user").length}`)
+    );
+    try {
+      const first = await startAgent(["-p", "the first prompt", "--json"], {
+        cwd: dir,
+        env: api.env,
+      })
+        .exited;
+      const id: string = JSON.parse(first.stdout).session_id;
+      const repl = startAgent([], { cwd: dir, env: api.env });
+      repl.child.stdin.end(`/resume\n/resume ${id.slice(0, 6)}\nand?\n`);
+      const { code, stdout } = await repl.exited;
+      assert.equal(code, 0, repl.output());
+      assert.match(
+        stdout,
+        new RegExp(
+          `^${id.slice(0, 8)}  \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d  1 KB  the first prompt$`,
+          "m",
+        ),
+      );
+      assert.match(stdout, new RegExp(`^Resumed ${id}: 2 messages\\.$`, "m"));
+      assert.match(stdout, /^Heard 2$/m, "the turn after it has the old history");
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sessions: a message larger than the window is refused in one line and not kept", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body) =>
+      scriptedReply(`Got ${JSON.stringify(body.messages).length} chars`)
+    );
+    try {
+      const agent = startAgent(["--input-format=stream-json", "--output-format=stream-json"], {
+        cwd: dir,
+        env: { ...api.env, S08_CONTEXT_WINDOW: "2000" },
+      });
+      const send = (text: string) =>
+        agent.child.stdin.write(
+          JSON.stringify({ type: "user", message: { role: "user", content: text } }) + "\n",
+        );
+      send("x".repeat(20_000));
+      send("small");
+      await eventually(() => agent.output().split('"type":"result"').length === 3, "two results");
+      agent.child.stdin.end();
+      const { stdout } = await agent.exited;
+      const results = stdout.trim().split("\n").map((l) => JSON.parse(l)).filter((e) =>
+        e.type === "result"
+      );
+      assert.equal(results[0].subtype, "error_during_execution");
+      assert.match(
+        results[0].errors[0],
+        /^this message is about 5,0\d\d tokens, more than the model's context window of 2,000/,
+      );
+      assert.equal(results[1].subtype, "success");
+      assert.equal(api.requests.length, 1, "the large one was never sent");
+      assert.ok(!JSON.stringify(api.requests[0].messages).includes("xxxxxxxx"), "nor kept");
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sessions: old write_file inputs are cleared, so many large writes never overflow the window", async () => {
+    const dir = workspace();
+    const body = "y".repeat(31_000);
+    const api = await startFakeApi(
+      (_body, index) =>
+        index < 6
+          ? scriptedReply({ tool: "write_file", input: { path: `f${index}.txt`, content: body } })
+          : scriptedReply("Wrote them all."),
+      { maxPromptTokens: 30_000 },
+    );
+    try {
+      const run = await startAgent(["-p", "write six files", "--json"], {
+        cwd: dir,
+        env: { ...api.env, S08_CONTEXT_WINDOW: "30000" },
+      }).exited;
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal(JSON.parse(run.stdout).result, "Wrote them all.");
+      for (let i = 0; i < 6; i++) {
+        assert.equal(fs.readFileSync(path.join(dir, `f${i}.txt`), "utf8"), body);
+      }
+      assert.match(
+        JSON.stringify(api.requests.at(-1)!.messages),
+        /\(content cleared: 31,000 characters written to f0\.txt\)/,
+      );
+      assert.equal(api.rejected.length, 0, "no request was too long");
+    } finally {
+      await api.close();
     }
   });
 

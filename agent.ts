@@ -2978,6 +2978,26 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
       if (freed >= tokens) break;
     }
   }
+  // What the model wrote is context too: an old write_file or edit_file keeps its call, not
+  // its text (the file holds it).
+  const firstKept = history.indexOf(userMessages.at(-KEEP_RECENT_RESULTS) ?? history[0]);
+  for (let i = 0; i < firstKept && freed < tokens; i++) {
+    const message = history[i];
+    if (message.role !== "assistant" || typeof message.content === "string") continue;
+    for (const block of message.content) {
+      if (block.type !== "tool_use" || !["write_file", "edit_file"].includes(block.name)) continue;
+      const input = block.input as Record<string, unknown>;
+      for (const field of ["content", "old_text", "new_text"]) {
+        const value = input[field];
+        if (typeof value !== "string" || value.length < 400) continue;
+        const what = field === "content" ? "written to" : `of ${field} in`;
+        input[field] = `(content cleared: ${value.length.toLocaleString("en-US")} characters ` +
+          `${what} ${String(input.path)})`;
+        freed += (value.length - String(input[field]).length) / 4;
+        cleared++;
+      }
+    }
+  }
   return cleared;
 }
 
@@ -3526,13 +3546,16 @@ Options:
   --permission-prompt-tool stdio   ask the client (stream-json input) before a tool runs
   --system-prompt TEXT, --append-system-prompt TEXT   replace, or add to, the system prompt
   --max-budget-usd N     end a turn once the session's estimated cost reaches N
+  -c, --continue         resume this workspace's newest session
+  -r, --resume ID        resume a saved session (--resume=ID too; the first characters do)
+  --session-id UUID      a new session with this id
   --verbose              accepted (the Agent SDK passes it); changes nothing
   -h, --help             this help
 Environment: ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN, ANTHROPIC_BASE_URL, MODEL_ID,
   S08_STREAM_IDLE_SEC (90), S08_CONTEXT_WINDOW (200000), S08_BACKGROUND_AFTER_SEC (15), NO_COLOR. A .env file in the
   current folder may set the key, MODEL_ID and (with its own key) ANTHROPIC_BASE_URL only.
 Exit codes: 0 done, 1 error, 2 usage or no key, ${EXIT_MAX_TURNS} --max-turns reached, 130 Ctrl-C.
-REPL commands: /tasks, /kill <id prefix>, /cost, /help, exit or q (Ctrl-D) to quit;
+REPL commands: /tasks, /kill <id prefix>, /cost, /resume [id], /help, exit or q (Ctrl-D);
   Ctrl+B moves a running bash command to the background.`;
 
 /** The command line, parsed. */
@@ -3841,6 +3864,7 @@ export function runSlashCommand(line: string, session: SlashContext): string {
       "/tasks          list background tasks",
       "/kill <id>      stop a background task (any unique prefix of its id)",
       "/cost           tokens used (cache reads and writes too) and an estimate in dollars",
+      "/resume [id]    this workspace's saved sessions, or open one",
       "Ctrl+B          while bash runs: move it to the background (it goes on as a task)",
       "/help           this list",
       "exit, q         quit (running tasks are killed)",
@@ -3954,6 +3978,8 @@ interface Session {
   system?: string;
   /** The running foreground commands, for Ctrl+B and background_tasks. */
   handOffs: HandOffs;
+  /** Where the conversation is saved as it goes (none: the demo, or no state folder). */
+  transcript: Transcript | null;
 }
 
 /**
@@ -4015,6 +4041,10 @@ async function exitCleanly(session: Session, code: number, why = ""): Promise<ne
   }
   await ShellProcess.killAll();
   await Promise.race([Promise.all(running.map((t) => t.ended)), sleep(KILL_GRACE_MS)]);
+  try {
+    session.transcript?.save(session.history, session.background);
+    session.transcript?.close();
+  } catch { /* best effort on the way out: the file keeps what it had */ }
   if (code >= 128) session.foreground.farewell?.(running, code); // a signal: scripts hear it
   for (const cleanup of session.cleanups) {
     try {
@@ -4023,6 +4053,25 @@ async function exitCleanly(session: Session, code: number, why = ""): Promise<ne
   }
   await Promise.all([flushed(process.stdout), flushed(process.stderr)]);
   process.exit(code);
+}
+
+/** Why a message cannot be sent at all (larger than the whole window), or null. It is not kept. */
+function tooLargeToSend(session: Session, content: string | UserContent): string | null {
+  const tokens = Math.ceil(JSON.stringify(content).length / 4);
+  const window = session.stats.learntWindow ?? session.config.contextWindow;
+  if (tokens <= window * 0.9) return null;
+  return `this message is about ${tokens.toLocaleString("en-US")} tokens, more than the ` +
+    `model's context window of ${window.toLocaleString("en-US")} holds: send a smaller part, ` +
+    "or save it to a file and ask the agent to read it in pieces";
+}
+
+/** Saves the conversation at a turn's end; a failing disk is one warning, never an end. */
+function saveTranscript(session: Session): void {
+  try {
+    session.transcript?.save(session.history, session.background);
+  } catch (err) {
+    warnOnce("transcript", `warning: the transcript could not be saved: ${(err as Error).message}`);
+  }
 }
 
 /** Resolves once everything written to the stream has been handed to the OS (or it broke). */
@@ -4102,6 +4151,7 @@ async function finishRun(
   turn: TurnMeter,
 ): Promise<never> {
   await stopAll(session.background); // past --max-turns or an error, tasks still run
+  saveTranscript(session);
   session.out.endLine();
   session.foreground = quitOnInterrupt(session); // the result is written: no second one
   if (format !== "text") emit(resultMessage(session, end, turn));
@@ -4139,7 +4189,10 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
     events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
   }
   const permit = (call: ToolCall) => decide(options.permissions, call, turn, refuseAsking);
-  const finished = await runToEnd(session, prompt, events, permit);
+  const tooLarge = tooLargeToSend(session, prompt);
+  const finished = tooLarge !== null
+    ? { subtype: "error_during_execution" as const, result: tooLarge }
+    : await runToEnd(session, prompt, events, permit);
   return finishRun(session, finished, format, turn);
 }
 
@@ -4338,6 +4391,30 @@ class Repl {
     if (!this.busy) void this.processQueue();
   }
 
+  /** /resume: this workspace's other saved sessions; /resume <id>: opens one. */
+  private resume(idOrPrefix: string | undefined): string {
+    const { session } = this;
+    if (idOrPrefix === undefined) {
+      const others = listSessions(session.config.workdir).filter((s) => s.id !== session.id);
+      if (others.length === 0) return "No other saved session in this workspace.";
+      const rows = others.slice(0, 20).map((s) =>
+        `${s.id.slice(0, 8)}  ${s.at.toISOString().slice(0, 16).replace("T", " ")}  ` +
+        `${Math.ceil(s.bytes / 1024)} KB  ${s.first}`
+      );
+      return [...rows, "/resume <id> opens one (its first characters will do)."].join("\n");
+    }
+    try {
+      const file = findSessionFile(session.config.workdir, idOrPrefix);
+      const loaded = resumeInto(session, file);
+      const owed = loaded.owed.length > 0
+        ? `; what became of its ${loaded.owed.length} task(s) goes with your next message`
+        : "";
+      return `Resumed ${loaded.id}: ${loaded.history.length} messages${owed}.`;
+    } catch (err) {
+      return `Cannot resume: ${(err as Error).message}`;
+    }
+  }
+
   /** Ctrl+B during a turn: the running bash command goes on in the background. */
   private onKey(key: { ctrl?: boolean; name?: string } | undefined): void {
     if (!key?.ctrl || key.name !== "b" || !this.busy) return;
@@ -4375,8 +4452,11 @@ class Repl {
         this.out.line(`${promptText(this.session.background.runningCount())}${line}`);
       }
       if (query === "exit" || query === "q") return void exitCleanly(this.session, 0, "exit");
-      if (query.startsWith("/")) this.out.line(runSlashCommand(query, this.session));
-      else if (query !== "") await this.runTurn(query);
+      if (/^\/resume\b/.test(query)) this.out.line(this.resume(query.split(/\s+/)[1]));
+      else if (query.startsWith("/")) this.out.line(runSlashCommand(query, this.session));
+      else if (query !== "" && tooLargeToSend(this.session, query) !== null) {
+        this.err.line(`error: ${tooLargeToSend(this.session, query)}`, "red");
+      } else if (query !== "") await this.runTurn(query);
     }
     this.busy = false;
     if (this.inputClosed) return void this.finishInput();
@@ -4407,6 +4487,7 @@ class Repl {
       else this.err.line(`error: ${(err as Error).message}`, "red");
     } finally {
       this.turn = null;
+      saveTranscript(session);
     }
   }
 
@@ -4646,12 +4727,11 @@ export async function main(args: string[]): Promise<void> {
   if (!hasKey && !options.demo && (options.print || options.inputFormat === "stream-json")) {
     return failBeforeStart(options, NO_KEY);
   }
-  if (options.resume !== null || options.continueLast || options.sessionId !== null) {
-    return failBeforeStart(
-      options,
-      "--resume, --continue and --session-id: this agent does " +
-        "not save conversations yet, so there is none to resume; start without them",
-    );
+  let resumeFile: string | null = null;
+  try {
+    resumeFile = sessionToResume(options, process.cwd());
+  } catch (err) {
+    return failBeforeStart(options, (err as Error).message, 1);
   }
   let prompt: string | null = null;
   if (options.print) {
@@ -4667,6 +4747,20 @@ export async function main(args: string[]): Promise<void> {
     }
   }
   const session = startSession(options, config, hasKey);
+  if (resumeFile !== null) {
+    try {
+      const loaded = resumeInto(session, resumeFile);
+      session.err.line(
+        `Resumed session ${loaded.id} (${loaded.history.length} messages` +
+          `${
+            loaded.owed.length > 0 ? `; ${loaded.owed.length} task(s) it left are reported` : ""
+          }).`,
+        "dim",
+      );
+    } catch (err) {
+      failBeforeStart(options, (err as Error).message, 1);
+    }
+  }
   if (prompt !== null) await runOneShot(session, prompt, options);
   if (options.inputFormat === "stream-json") {
     const limits = { wake: options.wake, maxBudgetUsd: options.maxBudgetUsd };
@@ -4685,8 +4779,33 @@ function isHttpUrl(text: string): boolean {
 const NO_KEY = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
   ".env), or pass --demo to run the scripted demo model on purpose.";
 
+/** Which transcript --resume or --continue names (checked, not read yet); none: a new session. */
+function sessionToResume(options: CliOptions, workdir: string): string | null {
+  const asked = [options.resume !== null, options.continueLast, options.sessionId !== null];
+  if (asked.filter(Boolean).length > 1) {
+    throw new Error("--resume, --continue and --session-id go one at a time");
+  }
+  if (options.resume !== null) return findSessionFile(workdir, options.resume);
+  if (options.continueLast) {
+    const newest = listSessions(workdir)[0];
+    if (!newest) throw new Error(`--continue: no saved session in this workspace (${workdir})`);
+    return path.join(transcriptFolder(workdir), `${newest.id}.jsonl`);
+  }
+  if (options.sessionId !== null) {
+    if (
+      !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(options.sessionId)
+    ) {
+      throw new Error(`--session-id takes a UUID, not "${options.sessionId}"`);
+    }
+    if (listSessions(workdir).some((s) => s.id === options.sessionId)) {
+      throw new Error(`session ${options.sessionId} exists already: --resume it`);
+    }
+  }
+  return null;
+}
+
 /** A run that cannot start: one line (and, for scripts, an error result), exit 2. */
-function failBeforeStart(options: CliOptions, message: string): never {
+function failBeforeStart(options: CliOptions, message: string, code = 2): never {
   process.stderr.write(`error: ${message}\n`);
   if (options.outputFormat !== "text") {
     const noUsage = { input_tokens: 0, output_tokens: 0 };
@@ -4710,7 +4829,7 @@ function failBeforeStart(options: CliOptions, message: string): never {
       }) + "\n",
     );
   }
-  process.exit(2);
+  process.exit(code);
 }
 
 /** Everything a run needs, its clean-up on exit, and orphans of a crashed run ended first. */
@@ -4738,8 +4857,12 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     model, // the demo's pauses as if thinking, for a person watching; piped output skips it
     background: new BackgroundManager(config.workdir, {
       logs,
-      onStart: (task) => session.foreground.taskStarted?.(task),
+      onStart: (task) => {
+        session.transcript?.taskStarted(task);
+        session.foreground.taskStarted?.(task);
+      },
       onNotification: (notification, task) => {
+        if (notification.kind === "ended") session.transcript?.taskEnded(task, notification.text);
         if (!session.stopping.signal.aborted) session.foreground.notice?.(notification, task);
       },
     }),
@@ -4747,7 +4870,7 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     stats: newStats(),
     out: terminal.out,
     err: terminal.err,
-    id: crypto.randomUUID(),
+    id: options.sessionId ?? crypto.randomUUID(),
     startedAt: Date.now(),
     maxTurns: options.maxTurns,
     killedByUser: new Set(),
@@ -4757,6 +4880,7 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     tools: TOOLS.filter((t) => !options.permissions.disallowed.has(t.name)),
     system: options.systemPrompt ?? undefined,
     handOffs: new HandOffs(),
+    transcript: null,
     foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
   };
   if (options.appendSystemPrompt) {
@@ -4765,9 +4889,23 @@ function startSession(options: CliOptions, config: Config, hasKey: boolean): Ses
     }\n\n${options.appendSystemPrompt}`;
   }
   if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
+  if (!useDemo) session.transcript = newTranscript(session);
   installExitHandlers(session);
   if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
   return session;
+}
+
+/** A new transcript for the session; none (one warning) when the state folder is not usable. */
+function newTranscript(session: Session): Transcript | null {
+  try {
+    const dir = transcriptFolder(session.config.workdir);
+    privateFolderFor(dir);
+    const workspace = session.config.workdir;
+    return new Transcript(path.join(dir, `${session.id}.jsonl`), { id: session.id, workspace });
+  } catch (err) {
+    warnOnce("transcript", `warning: this session is not saved: ${(err as Error).message}`);
+    return null;
+  }
 }
 
 /**
@@ -4799,6 +4937,334 @@ function takeOwnership(keepLogs: boolean, cleanups: Array<() => void>): LogFolde
     if (keepLogs) terminal.err.line(`Task logs kept in ${logs.dir}`);
   });
   return logs;
+}
+
+// ---------------------------------------------------------------------------
+// 12. Sessions that last
+// Adds: a transcript of every session, so a conversation can be resumed (--continue,
+// --resume ID, /resume) after the terminal closed or the agent died. It is JSON Lines in the
+// user's state folder ($XDG_STATE_HOME or ~/.local/state, s08-agent/<workspace>/<id>.jsonl;
+// folders 0700, files 0600, never followed through a link), appended as the session goes:
+// each message as it first is and again when it changes (clearing), each task's start and end.
+// A resume tells the model, once, what became of every task the old process left running.
+// ---------------------------------------------------------------------------
+
+/** The transcript format; a file of another version is refused, never rewritten. */
+const TRANSCRIPT_VERSION = 1;
+
+/** One line of a transcript. */
+type TranscriptLine =
+  | { type: "session"; version: number; id: string; workspace: string; at: number }
+  | { type: "message"; index: number; message: MessageParam }
+  | { type: "truncate"; length: number }
+  | { type: "task"; id: string; command: string; at: number }
+  | { type: "end"; id: string; text: string; at: number }
+  | { type: "told"; ids: string[] }
+  | { type: "resumed"; at: number }
+  | { type: "exit"; at: number };
+
+/** Where this user's transcripts of one workspace live: s08-agent/<name>-<hash>/ in the state folder. */
+export function transcriptFolder(
+  workdir: string,
+  env: Record<string, string | undefined> = process.env,
+): string {
+  const state = env.XDG_STATE_HOME && path.isAbsolute(env.XDG_STATE_HOME)
+    ? env.XDG_STATE_HOME
+    : path.join(env.HOME || os.homedir(), ".local", "state");
+  let real = workdir;
+  try {
+    real = fs.realpathSync(workdir);
+  } catch { /* a folder that is gone: its name as given */ }
+  const name = path.basename(real).replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 40) || "root";
+  return path.join(state, "s08-agent", `${name}-${stringHash(real)}`);
+}
+
+/** A short, stable hash of a text (FNV-1a, 52 bits as 13 hex digits). */
+function stringHash(text: string): string {
+  let hash = 0xcbf29ce484222325n;
+  for (const byte of new TextEncoder().encode(text)) {
+    hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & 0xfffffffffffffn;
+  }
+  return hash.toString(16).padStart(13, "0");
+}
+
+/** Makes each missing folder of `dir` (0700) and checks the agent's own: this user's, private. */
+function privateFolderFor(dir: string): void {
+  const ownRoot = path.dirname(dir); // .../s08-agent
+  fs.mkdirSync(path.dirname(ownRoot), { recursive: true, mode: 0o700 });
+  for (const folder of [ownRoot, dir]) {
+    try {
+      fs.mkdirSync(folder, { mode: 0o700 });
+    } catch { /* it exists: checked next */ }
+    const problem = privateFolderProblem(folder, currentUid());
+    if (problem !== null) throw new Error(`${folder} ${problem}`);
+  }
+}
+
+/** A transcript file this user may read: a regular file of theirs, not a link, not shared. */
+function checkedTranscript(file: string): void {
+  const stat = fs.lstatSync(file, { throwIfNoEntry: false });
+  if (!stat) throw new Error(`no session ${path.basename(file, ".jsonl")} in this workspace`);
+  if (!stat.isFile()) throw new Error(`${file} is not a regular file`);
+  if (stat.uid !== currentUid()) throw new Error(`${file} belongs to another user`);
+  if ((stat.mode & 0o077) !== 0) throw new Error(`${file} can be read by others`);
+}
+
+/**
+ * A session's transcript, appended as it goes. save() writes what changed since the last
+ * save (new messages, messages that changed, tasks told); task starts and ends go at once.
+ */
+export class Transcript {
+  private fd: number;
+  private saved: string[] = []; // each message's JSON as last written
+  private told = new Set<string>();
+
+  /** Opens a new transcript (exclusive: never an existing file), or an existing one to go on. */
+  constructor(readonly file: string, opening: { id: string; workspace: string } | "append") {
+    const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_APPEND } = fs.constants;
+    if (opening === "append") {
+      checkedTranscript(file);
+      this.fd = fs.openSync(file, O_WRONLY | O_APPEND | O_NOFOLLOW);
+      return;
+    }
+    this.fd = fs.openSync(file, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_APPEND, 0o600);
+    this.write([{ type: "session", version: TRANSCRIPT_VERSION, ...opening, at: Date.now() }]);
+  }
+
+  /** Continues from a loaded session: what it had saved counts as saved. */
+  continueFrom(loaded: LoadedSession): void {
+    this.saved = loaded.history.map((m) => JSON.stringify(m));
+    const prefix = loaded.endsMidLine ? "\n" : ""; // a line cut by a crash is closed first
+    fs.writeSync(this.fd, prefix + JSON.stringify({ type: "resumed", at: Date.now() }) + "\n");
+  }
+
+  /** A task started: written at once, so a crash cannot lose it. */
+  taskStarted(task: BackgroundTask): void {
+    this.write([{ type: "task", id: task.id, command: task.process.command, at: Date.now() }]);
+  }
+
+  /** A task ended (its notification is queued): written at once. */
+  taskEnded(task: BackgroundTask, text: string): void {
+    this.write([{ type: "end", id: task.id, text, at: Date.now() }]);
+  }
+
+  /** Writes what changed: messages new or changed, and tasks whose end the model has now had. */
+  save(history: MessageParam[], background: BackgroundManager): void {
+    const lines: TranscriptLine[] = [];
+    if (history.length < this.saved.length) {
+      lines.push({ type: "truncate", length: history.length });
+      this.saved.length = history.length;
+    }
+    history.forEach((message, index) => {
+      const json = JSON.stringify(message);
+      if (this.saved[index] === json) return;
+      this.saved[index] = json;
+      lines.push({ type: "message", index, message });
+    });
+    const queued = new Set(background.queue.filter((n) => n.kind === "ended").map((n) => n.taskId));
+    const nowTold = [...background.tasks.values()].filter((t) =>
+      t.process.status !== "running" && !queued.has(t.id) && !this.told.has(t.id)
+    ).map((t) => t.id);
+    nowTold.forEach((id) => this.told.add(id));
+    if (nowTold.length > 0) lines.push({ type: "told", ids: nowTold });
+    this.write(lines);
+  }
+
+  /** Tasks of an earlier process, now told to the model. */
+  markTold(ids: string[]): void {
+    if (ids.length > 0) this.write([{ type: "told", ids }]);
+  }
+
+  /** The agent exits cleanly. */
+  close(): void {
+    this.write([{ type: "exit", at: Date.now() }]);
+    fs.closeSync(this.fd);
+  }
+
+  private write(lines: TranscriptLine[]): void {
+    if (lines.length === 0) return;
+    fs.writeSync(this.fd, lines.map((l) => wellFormed(JSON.stringify(l))).join("\n") + "\n");
+  }
+}
+
+/** A transcript read back: the history, valid for the API, and the ends still owed. */
+export interface LoadedSession {
+  /** The session's id. */
+  id: string;
+  /** The conversation, as cleared as it was, repaired where a crash cut it. */
+  history: MessageParam[];
+  /** What became of each task the model was never told about, one line each. */
+  owed: Array<{ id: string; line: string }>;
+  /** When it was last written (ms). */
+  lastAt: number;
+  /** The last line was cut (a crash): it was left out. */
+  endsMidLine: boolean;
+}
+
+/** Reads a transcript; throws one clear line when it cannot be used. The file is not changed. */
+export function loadTranscript(file: string): LoadedSession {
+  checkedTranscript(file);
+  const text = fs.readFileSync(file, "utf8");
+  const endsMidLine = text !== "" && !text.endsWith("\n");
+  const rows = text.split("\n");
+  if (rows.at(-1) === "") rows.pop();
+  const lines: TranscriptLine[] = [];
+  rows.forEach((row, at) => {
+    try {
+      lines.push(JSON.parse(row));
+    } catch {
+      const cutByCrash = at === rows.length - 1
+        ? endsMidLine
+        : rows[at + 1]?.startsWith('{"type":"resumed"');
+      if (!cutByCrash) {
+        throw new Error(`${file}: line ${at + 1} is not JSON: the transcript is damaged`);
+      }
+    }
+  });
+  const header = lines[0];
+  if (header?.type !== "session") throw new Error(`${file} is not an agent.ts transcript`);
+  if (header.version !== TRANSCRIPT_VERSION) {
+    throw new Error(
+      `${file} is a transcript of version ${header.version}; this agent reads version ${TRANSCRIPT_VERSION}`,
+    );
+  }
+  const history: MessageParam[] = [];
+  const started = new Map<string, { command: string; at: number }>();
+  const ends = new Map<string, { text: string; at: number }>();
+  const told = new Set<string>();
+  let lastAt = header.at, exitedAt: number | null = null;
+  for (const line of lines) {
+    if ("at" in line) lastAt = Math.max(lastAt, line.at);
+    if (line.type === "message") {
+      if (line.index > history.length) {
+        throw new Error(`${file}: message ${line.index} comes before ${history.length}`);
+      }
+      history[line.index] = line.message;
+    } else if (line.type === "truncate") history.length = Math.min(history.length, line.length);
+    else if (line.type === "task") started.set(line.id, line);
+    else if (line.type === "end") ends.set(line.id, line);
+    else if (line.type === "told") line.ids.forEach((id) => told.add(id));
+    else if (line.type === "exit") exitedAt = line.at;
+    else if (line.type === "resumed") exitedAt = null;
+  }
+  const owed = [...started].filter(([id]) => !told.has(id)).map(([id, task]) => {
+    const end = ends.get(id);
+    const until = end?.at ?? exitedAt ?? lastAt;
+    const ran = formatDuration(until - task.at);
+    const exited = exitedAt !== null && (end === undefined || end.at >= exitedAt);
+    const line = end && !exited
+      ? `${end.text}` // it ended on its own, but the model never heard of it
+      : exitedAt !== null
+      ? `killed: the agent exited while it ran (after ${ran}): ${oneLine(task.command, 80)}`
+      : `killed: the agent died while it ran (after at least ${ran}); its processes were ended ` +
+        `by the crash clean-up at the next start: ${oneLine(task.command, 80)}`;
+    return { id, line };
+  });
+  return { id: header.id, history: repairHistory(history), owed, lastAt, endsMidLine };
+}
+
+/** "2m 3s", "45s". */
+function formatDuration(ms: number): string {
+  const seconds = Math.max(0, Math.round(ms / 1000));
+  return seconds >= 60 ? `${Math.floor(seconds / 60)}m ${seconds % 60}s` : `${seconds}s`;
+}
+
+/** A history cut by a crash, made valid: every tool call gets its result, said to be lost. */
+export function repairHistory(history: MessageParam[]): MessageParam[] {
+  const repaired: MessageParam[] = [];
+  for (const [at, message] of history.entries()) {
+    if (message === undefined) continue;
+    repaired.push(message);
+    if (message.role !== "assistant" || typeof message.content === "string") continue;
+    const calls = message.content.filter((b) => b.type === "tool_use").map((b) => b.id);
+    if (calls.length === 0) continue;
+    const next = history[at + 1];
+    const answered = new Set(
+      next?.role === "user" && Array.isArray(next.content)
+        ? next.content.flatMap((b) => (b.type === "tool_result" ? [b.tool_use_id] : []))
+        : [],
+    );
+    const missing = calls.filter((id) => !answered.has(id));
+    if (missing.length === 0) continue;
+    const results: ToolResultBlockParam[] = missing.map((id) => ({
+      type: "tool_result",
+      tool_use_id: id,
+      content: "Error: interrupted: the agent exited before this call finished",
+      is_error: true,
+    }));
+    if (next?.role === "user") { // the results go first in the next user message
+      const rest = typeof next.content === "string"
+        ? [{ type: "text" as const, text: next.content }]
+        : next.content;
+      history[at + 1] = { role: "user", content: [...results, ...rest] };
+    } else repaired.push({ role: "user", content: results });
+  }
+  return repaired;
+}
+
+/** This workspace's sessions, newest first: id, when, the first prompt, the size. */
+export function listSessions(
+  workdir: string,
+): Array<{ id: string; at: Date; first: string; bytes: number }> {
+  const dir = transcriptFolder(workdir);
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir).filter((n) => n.endsWith(".jsonl"));
+  } catch {
+    return [];
+  }
+  return names.flatMap((name) => {
+    const file = path.join(dir, name);
+    const stat = fs.lstatSync(file, { throwIfNoEntry: false });
+    if (!stat?.isFile() || stat.uid !== currentUid()) return [];
+    const head = fs.readFileSync(file, "utf8").slice(0, 20_000);
+    const prompt = head.match(
+      /"type":"message","index":0,"message":\{"role":"user","content":\[\{"type":"text","text":"((?:[^"\\]|\\.)*)"/,
+    );
+    const first = prompt ? oneLine(JSON.parse(`"${prompt[1]}"`), 60) : "(no prompt yet)";
+    return [{ id: name.slice(0, -6), at: stat.mtime, first, bytes: stat.size }];
+  }).sort((a, b) => b.at.getTime() - a.at.getTime());
+}
+
+/** The transcript of a session id (or a unique prefix of one) in this workspace. */
+export function findSessionFile(workdir: string, idOrPrefix: string): string {
+  if (!/^[A-Za-z0-9-]{1,64}$/.test(idOrPrefix)) {
+    throw new Error(`"${idOrPrefix}" is not a session id`);
+  }
+  const matches = listSessions(workdir).filter((s) => s.id.startsWith(idOrPrefix));
+  if (matches.length === 0) {
+    throw new Error(`no session ${idOrPrefix} in this workspace (${workdir})`);
+  }
+  if (matches.length > 1 && !matches.some((s) => s.id === idOrPrefix)) {
+    throw new Error(`${idOrPrefix} matches ${matches.length} sessions: give more of the id`);
+  }
+  const exact = matches.find((s) => s.id === idOrPrefix) ?? matches[0];
+  return path.join(transcriptFolder(workdir), `${exact.id}.jsonl`);
+}
+
+/**
+ * Puts a loaded session into `session`: its id, its history, a transcript that goes on, and
+ * one <background-results> block that tells the model what became of the old tasks.
+ */
+function resumeInto(session: Session, file: string): LoadedSession {
+  const loaded = loadTranscript(file);
+  session.transcript?.close();
+  const transcript = new Transcript(file, "append");
+  transcript.continueFrom(loaded);
+  session.transcript = transcript;
+  session.id = loaded.id;
+  session.history.splice(0, session.history.length, ...loaded.history);
+  if (loaded.owed.length > 0) {
+    const told = loaded.owed.map(({ id, line }) => ({
+      taskId: id,
+      kind: "ended" as const,
+      text: line,
+    }));
+    appendUserText(session.history, formatBackgroundResults(told));
+    transcript.markTold(loaded.owed.map((o) => o.id));
+  }
+  transcript.save(session.history, session.background); // the block is kept before it is sent
+  return loaded;
 }
 
 // ---------------------------------------------------------------------------
@@ -5246,7 +5712,10 @@ class StreamSession {
   /** A user message: its text, images and documents go to the model as they are. */
   private onUserMessage(fields: Record<string, unknown>): void {
     const content = (fields.message as { content?: unknown } | undefined)?.content;
-    const checked = userContentFrom(content);
+    const parsed = userContentFrom(content);
+    const checked = typeof parsed === "string"
+      ? parsed
+      : tooLargeToSend(this.session, parsed) ?? parsed;
     if (typeof checked === "string") { // a turn that cannot run ends at once, with why
       const turn = new TurnMeter(this.session.stats);
       return this.writer.result({ subtype: "error_during_execution", result: checked }, turn);
@@ -5335,6 +5804,7 @@ class StreamSession {
       this.meter = null;
     }
     this.lastEnd = end;
+    saveTranscript(session);
     this.writer.result(end, meter);
     resolveDone();
   }
