@@ -25,6 +25,7 @@ import {
   cutText,
   DEMO_PROMPTS,
   demoModel,
+  editedInPlace,
   findTask,
   formatBackgroundResults,
   HandOffs,
@@ -1691,6 +1692,28 @@ section("4. The agent loop", 4, () => {
     fs.symlinkSync(file, link);
     assert.throws(() => loadTranscript(link), /is not a regular file/);
     assert.deepEqual(fs.readFileSync(broken).length, whole.length + 10, "left as it was");
+  });
+
+  test("sessions: what clearing changed is saved again, so a resume is as cleared as the session was", () => {
+    const dir = workspace();
+    const file = path.join(dir, "c.jsonl");
+    const transcript = new Transcript(file, { id: "id-2", workspace: dir });
+    const bg = new BackgroundManager(dir);
+    const result = { type: "tool_result" as const, tool_use_id: "t1", content: "x".repeat(5000) };
+    const history: MessageParam[] = [
+      { role: "user", content: [{ type: "text", text: "go" }] },
+      { role: "assistant", content: [{ type: "tool_use", id: "t1", name: "bash", input: {} }] },
+      { role: "user", content: [result] },
+    ];
+    transcript.save(history, bg);
+    result.content = "[cleared: ...]"; // as clearOldToolResults does, in place
+    editedInPlace.add(history[2]);
+    appendUserText(history, "more");
+    transcript.save(history, bg);
+    transcript.close();
+    const loaded = loadTranscript(file).history;
+    assert.deepEqual(loaded, history);
+    assert.ok(fs.statSync(file).size < 6000 * 2, "the big result was written once, not per save");
   });
 
   test("loop: a reply cut off by the context window does not run its last call; the model is told", async () => {

@@ -2970,6 +2970,7 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
       const call = toolCallBefore(history, i, block.tool_use_id);
       const what = call ? `${call.name} ${oneLine(JSON.stringify(call.input), 120)}` : "a tool";
       const size = block.content.length;
+      editedInPlace.add(message);
       block.content = `${CLEARED_MARK} the result of ${what} (${size} characters) was cleared ` +
         "to keep the context small; run it again if you need it (a task's output: " +
         "check_background or its log)]";
@@ -2991,6 +2992,7 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
         const value = input[field];
         if (typeof value !== "string" || value.length < 400) continue;
         const what = field === "content" ? "written to" : `of ${field} in`;
+        editedInPlace.add(message);
         input[field] = `(content cleared: ${value.length.toLocaleString("en-US")} characters ` +
           `${what} ${String(input.path)})`;
         freed += (value.length - String(input[field]).length) / 4;
@@ -3002,6 +3004,9 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
 }
 
 const CLEARED_MARK = "[cleared:";
+
+/** Messages that clearing changed in place; a transcript saves them again (then forgets them). */
+export const editedInPlace = new WeakSet<MessageParam>();
 
 function toolCallBefore(history: MessageParam[], index: number, id: string) {
   const previous = history[index - 1];
@@ -5016,7 +5021,8 @@ function checkedTranscript(file: string): void {
  */
 export class Transcript {
   private fd: number;
-  private saved: string[] = []; // each message's JSON as last written
+  private savedCount = 0; // messages written so far
+  private lastSaved = ""; // the last one's JSON: text may be appended to it later
   private told = new Set<string>();
 
   /** Opens a new transcript (exclusive: never an existing file), or an existing one to go on. */
@@ -5033,7 +5039,8 @@ export class Transcript {
 
   /** Continues from a loaded session: what it had saved counts as saved. */
   continueFrom(loaded: LoadedSession): void {
-    this.saved = loaded.history.map((m) => JSON.stringify(m));
+    this.savedCount = loaded.history.length;
+    this.lastSaved = JSON.stringify(loaded.history.at(-1) ?? null);
     const prefix = loaded.endsMidLine ? "\n" : ""; // a line cut by a crash is closed first
     fs.writeSync(this.fd, prefix + JSON.stringify({ type: "resumed", at: Date.now() }) + "\n");
   }
@@ -5048,19 +5055,31 @@ export class Transcript {
     this.write([{ type: "end", id: task.id, text, at: Date.now() }]);
   }
 
-  /** Writes what changed: messages new or changed, and tasks whose end the model has now had. */
+  /**
+   * Writes what changed: new messages, the last one again if it grew, those clearing changed,
+   * and tasks whose end the model has now had. Only those are serialized: a save costs less
+   * than the request that follows it.
+   */
   save(history: MessageParam[], background: BackgroundManager): void {
     const lines: TranscriptLine[] = [];
-    if (history.length < this.saved.length) {
+    if (history.length < this.savedCount) {
       lines.push({ type: "truncate", length: history.length });
-      this.saved.length = history.length;
+      this.savedCount = history.length;
+      this.lastSaved = "";
     }
-    history.forEach((message, index) => {
-      const json = JSON.stringify(message);
-      if (this.saved[index] === json) return;
-      this.saved[index] = json;
+    const last = this.savedCount - 1;
+    for (let index = 0; index < this.savedCount; index++) {
+      const message = history[index];
+      if (!editedInPlace.has(message) && index !== last) continue;
+      editedInPlace.delete(message);
+      if (index === last && JSON.stringify(message) === this.lastSaved) continue;
       lines.push({ type: "message", index, message });
-    });
+    }
+    for (let index = this.savedCount; index < history.length; index++) {
+      lines.push({ type: "message", index, message: history[index] });
+    }
+    this.savedCount = history.length;
+    this.lastSaved = JSON.stringify(history.at(-1) ?? null);
     const queued = new Set(background.queue.filter((n) => n.kind === "ended").map((n) => n.taskId));
     const nowTold = [...background.tasks.values()].filter((t) =>
       t.process.status !== "running" && !queued.has(t.id) && !this.told.has(t.id)

@@ -16,9 +16,11 @@ import process from "node:process";
 import {
   agentLoop,
   BackgroundManager,
+  loadTranscript,
   LOG_CAP_BYTES,
   LogFolder,
   type ManagerOptions,
+  type MessageParam,
   type ModelRequest,
   newStats,
   runTool,
@@ -26,6 +28,7 @@ import {
   ScriptedModel,
   scriptedReply,
   type ToolContext,
+  Transcript,
 } from "./agent.ts";
 
 const HELP = `bench.ts: what agent.ts costs, against floors measured in the same run.
@@ -38,7 +41,7 @@ Figures:
   1 parallel sleeps   2 start latency   3 notification latency   4 throughput: per task, per byte
   5 memory and the log   6 loop overhead   7 start-up   8 streaming memory (slope)
   9 watching: log, ready scan, ready latency, tail and filter   10 long sessions: caching,
-  context`;
+  context   11 kill latency   12 sessions: saving a turn, resuming`;
 const quick = process.argv.includes("--quick");
 const check = process.argv.includes("--check");
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
@@ -866,6 +869,114 @@ async function longSession(): Promise<void> {
   await Promise.all([...bg.tasks.values()].map((t) => t.ended));
 }
 
+// 11. Kill latency: kill_background answers once the task's processes are gone --------------
+async function killLatency(): Promise<void> {
+  const rounds = quick ? 6 : 20;
+  const bg = shippedManager();
+  const context: ToolContext = { workdir, background: bg };
+  const ours = async (command: string) => {
+    const id = bg.run(command);
+    await new Promise((resolve) => setTimeout(resolve, 50)); // it is running
+    const t0 = wallMs();
+    await runTool(
+      { type: "tool_use", id: "k", name: "kill_background", input: { task_id: id } },
+      context,
+    );
+    bg.drain();
+    return wallMs() - t0;
+  };
+  const floor = async () => {
+    const child = spawn("bash", ["-c", "sleep 300"], FLOOR_OPTIONS);
+    const closed = new Promise((resolve) => child.on("close", resolve));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const t0 = wallMs();
+    process.kill(-child.pid!, "SIGTERM");
+    await closed;
+    return wallMs() - t0;
+  };
+  const [plain, bare] = await interleaved(rounds, () => ours("sleep 300"), floor);
+  compare(
+    "11a. kill_background of a task that dies on SIGTERM",
+    "ms",
+    plain,
+    "bare: SIGTERM to the group, until closed",
+    bare,
+    Infinity,
+    {
+      absolute: { below: 100, at: "median" },
+    },
+  );
+  const escaping = "sleep 300 & setsid sleep 301 & sleep 302";
+  const [escaped, bare2] = await interleaved(rounds, () => ours(escaping), floor);
+  compare(
+    "11b. the same, with a setsid escapee holding the pipes",
+    "ms",
+    escaped,
+    "bare: SIGTERM to the group, until closed",
+    bare2,
+    Infinity,
+    {
+      absolute: { below: 100, at: "median" },
+    },
+  );
+}
+
+// 12. Sessions: saving a turn, and resuming a long conversation ------------------------------
+async function sessions(): Promise<void> {
+  const messages = quick ? 500 : 2000;
+  const dir = fs.mkdtempSync(path.join(workdir, "session-"));
+  const file = path.join(dir, "s.jsonl");
+  const transcript = new Transcript(file, { id: "bench", workspace: dir });
+  const bg = shippedManager();
+  const history: MessageParam[] = [];
+  const saveCosts: number[] = [];
+  const requestCosts: number[] = [];
+  for (let i = 0; i < messages; i++) {
+    const role = i % 2 === 0 ? "user" : "assistant";
+    history.push({
+      role,
+      content: [{ type: "text", text: `message ${i}: ${"words ".repeat(60)}` }],
+    });
+    if (i % 50 !== 49) continue; // a turn's end now and then: measure one save against the request
+    let t0 = performance.now();
+    transcript.save(history, bg);
+    saveCosts.push(performance.now() - t0);
+    t0 = performance.now();
+    JSON.stringify({ model: "m", messages: history }); // what the SDK does to send the request
+    requestCosts.push(performance.now() - t0);
+  }
+  transcript.close();
+  compare(
+    `12a. saving a turn of a ${messages}-message session`,
+    "ms",
+    saveCosts,
+    "the request's own JSON.stringify",
+    requestCosts,
+    1.5,
+  );
+  const loads: number[] = [];
+  const parses: number[] = [];
+  for (let r = 0; r < (quick ? 3 : 7); r++) {
+    let t0 = performance.now();
+    loadTranscript(file);
+    loads.push(performance.now() - t0);
+    t0 = performance.now();
+    fs.readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    parses.push(performance.now() - t0);
+  }
+  compare(
+    `12b. resuming that ${messages}-message session`,
+    "ms",
+    loads,
+    "reading and parsing the file",
+    parses,
+    Infinity,
+    {
+      absolute: { below: 1000, at: "median" },
+    },
+  );
+}
+
 function stats1(value: number): Stats {
   return { median: value, min: value, max: value, p99: value, n: 1 };
 }
@@ -957,6 +1068,8 @@ async function main(): Promise<void> {
     ["8", streaming],
     ["9", watching],
     ["10", longSession],
+    ["11", killLatency],
+    ["12", sessions],
   ];
   const started = wallMs();
   for (const [figure, step] of steps) {
