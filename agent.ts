@@ -1038,43 +1038,27 @@ function letDenoCollect(bytes: number): void {
   new Uint8Array(1024 * 1024);
 }
 
-/** Chunks under this size are copied into a shared block instead of being kept one by one. */
-const SMALL_CHUNK_BYTES = 16 * 1024;
-
 /**
- * The newest `limit` bytes of a stream: memory and the task log share it. Big chunks are kept
- * as they came (no copy); small ones (a line at a time) are copied into blocks, so a million
- * tiny chunks are a few blocks, not a million buffers.
+ * The newest `limit` bytes of a stream: memory and the task log share it. Bytes are copied
+ * into one ring allocated once (at most `limit`, and only the part of a chunk that stays):
+ * a chunk is never kept, so under a flood every chunk dies young and its memory goes at the
+ * next minor collection instead of waiting, promoted, for a full one.
  */
 class RollingTail {
-  private chunks: Buffer[] = [];
-  private bytes = 0;
-  /** The block small chunks are being copied into; it is always the newest of `chunks`. */
-  private block: Buffer | null = null;
-  private blockUsed = 0;
+  private ring: Buffer | null = null;
+  private end = 0; // where the next byte goes
+  private bytes = 0; // all bytes pushed
 
   constructor(readonly limit: number) {}
 
   push(chunk: Buffer): void {
-    const blockBytes = Math.min(4 * SMALL_CHUNK_BYTES, this.limit);
-    if (chunk.length >= SMALL_CHUNK_BYTES || chunk.length > blockBytes) {
-      this.block = null;
-      this.chunks.push(chunk);
-    } else {
-      if (this.block === null || this.blockUsed + chunk.length > blockBytes) {
-        this.block = Buffer.allocUnsafe(blockBytes);
-        this.blockUsed = 0;
-        this.chunks.push(this.block.subarray(0, 0));
-      }
-      chunk.copy(this.block, this.blockUsed);
-      this.blockUsed += chunk.length;
-      this.chunks[this.chunks.length - 1] = this.block.subarray(0, this.blockUsed);
-    }
     this.bytes += chunk.length;
-    // Let go of the oldest chunk as soon as the newer ones cover the limit by themselves.
-    while (this.bytes - this.chunks[0].length >= this.limit) {
-      this.bytes -= this.chunks.shift()!.length;
-    }
+    const stays = chunk.length > this.limit ? chunk.subarray(chunk.length - this.limit) : chunk;
+    this.ring ??= Buffer.allocUnsafe(this.limit);
+    const first = Math.min(stays.length, this.limit - this.end);
+    stays.copy(this.ring, this.end, 0, first);
+    if (first < stays.length) stays.copy(this.ring, 0, first);
+    this.end = (this.end + stays.length) % this.limit;
   }
 
   /** How many bytes kept() returns. */
@@ -1088,11 +1072,11 @@ class RollingTail {
     return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
   }
 
-  /** The same bytes as the chunks that hold them, not copied. */
+  /** The same bytes as views of the ring, oldest first: read them before the next push. */
   keptChunks(): Buffer[] {
-    if (this.chunks.length === 0) return [];
-    const excess = this.bytes - this.keptBytes; // always inside the oldest chunk
-    return [this.chunks[0].subarray(excess), ...this.chunks.slice(1)];
+    if (this.ring === null) return [];
+    if (this.bytes < this.limit) return [this.ring.subarray(0, this.end)];
+    return [this.ring.subarray(this.end), this.ring.subarray(0, this.end)].filter((c) => c.length);
   }
 }
 
@@ -1148,8 +1132,8 @@ export class TaskLog {
   /** The file is gone (only the newest logs are kept). */
   removed = false;
   private fd: number | null = null;
-  /** Below the cap: chunks not written yet (a line at a time would be a write each). */
-  private pending: Buffer[] = [];
+  /** Below the cap: bytes not written yet, copied (a line at a time would be a write each). */
+  private pending: Buffer | null = null;
   private pendingBytes = 0;
   /** Past the cap: the newest output (a sixteenth of the cap), in memory until written out. */
   private tail: RollingTail | null = null;
@@ -1170,10 +1154,9 @@ export class TaskLog {
       this.fd ??= this.create();
       if (this.tail === null) {
         const fits = Math.min(chunk.length, this.cap - this.fileBytes - this.pendingBytes);
-        this.pending.push(chunk.subarray(0, fits));
-        this.pendingBytes += fits;
-        if (this.pendingBytes >= LOG_WRITE_BYTES || fits < chunk.length) this.writePending();
+        this.hold(chunk.subarray(0, fits));
         if (fits < chunk.length) {
+          this.writePending();
           this.startTail();
           this.tail!.push(chunk.subarray(fits));
         }
@@ -1188,13 +1171,24 @@ export class TaskLog {
     }
   }
 
-  /** The chunks held below the cap, in one write. */
+  /** Below the cap: a big chunk is written now; small ones are copied into one 64 KB block. */
+  private hold(bytes: Buffer): void {
+    if (this.pendingBytes + bytes.length > LOG_WRITE_BYTES) this.writePending();
+    if (bytes.length >= LOG_WRITE_BYTES) {
+      writeAllAt(this.fd!, bytes, this.fileBytes);
+      this.fileBytes += bytes.length;
+      return;
+    }
+    this.pending ??= Buffer.allocUnsafe(LOG_WRITE_BYTES);
+    bytes.copy(this.pending, this.pendingBytes);
+    this.pendingBytes += bytes.length;
+  }
+
+  /** The bytes held below the cap, in one write. */
   private writePending(): void {
-    if (this.pendingBytes === 0 || this.fd === null) return;
-    const bytes = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending);
-    writeAllAt(this.fd, bytes, this.fileBytes);
-    this.fileBytes += bytes.length;
-    this.pending = [];
+    if (this.pendingBytes === 0 || this.fd === null || this.pending === null) return;
+    writeAllAt(this.fd, this.pending.subarray(0, this.pendingBytes), this.fileBytes);
+    this.fileBytes += this.pendingBytes;
     this.pendingBytes = 0;
   }
 
