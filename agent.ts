@@ -3092,6 +3092,18 @@ let sdk: Promise<Sdk> | null = null;
  */
 function loadSdk(): Promise<Sdk> {
   sdk ??= isDeno ? import("@anthropic-ai/sdk") : import("node:module").then((module) => {
+    // Node 22.1+ keeps compiled code on disk between runs: the SDK's files load faster the
+    // second time. In a private folder of this user's (the default is the shared temp
+    // folder, where another user could plant one). Older Node has no such cache.
+    const withCache = module as { enableCompileCache?: (dir: string) => unknown };
+    if (withCache.enableCompileCache) {
+      const cacheHome = process.env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache");
+      const dir = path.join(cacheHome, "s08-agent-compile-cache");
+      try {
+        fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+        if (privateFolderProblem(dir, currentUid()) === null) withCache.enableCompileCache(dir);
+      } catch { /* no cache: the same code, loaded a little slower */ }
+    }
     const required = module.createRequire(import.meta.url)("@anthropic-ai/sdk");
     return (required.default ? required : { default: required }) as Sdk;
   });
