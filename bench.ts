@@ -41,7 +41,8 @@ Figures:
   1 parallel sleeps   2 start latency   3 notification latency   4 throughput: per task, per byte
   5 memory and the log   6 loop overhead   7 start-up   8 streaming memory (slope)
   9 watching: log, ready scan, ready latency, tail and filter   10 long sessions: caching,
-  context   11 kill latency   12 sessions: saving a turn, resuming`;
+  context   11 kill latency   12 sessions: saving a turn, resuming
+  13 per task and per GB through the command line (fresh processes)`;
 const quick = process.argv.includes("--quick");
 const check = process.argv.includes("--check");
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
@@ -922,7 +923,7 @@ async function killLatency(): Promise<void> {
 }
 
 // 12. Sessions: saving a turn, and resuming a long conversation ------------------------------
-async function sessions(): Promise<void> {
+function sessions(): void {
   const messages = quick ? 500 : 2000;
   const dir = fs.mkdtempSync(path.join(workdir, "session-"));
   const file = path.join(dir, "s.jsonl");
@@ -975,6 +976,131 @@ async function sessions(): Promise<void> {
       absolute: { below: 1000, at: "median" },
     },
   );
+}
+
+// 13. Per task and per byte as the user pays it: the command line, a fresh process per sample --
+/** CPU seconds (user + sys) of `command` and everything it started, from bash's `times`. */
+async function childCpu(command: string[], env: Record<string, string>): Promise<number> {
+  const quoted = command.map((w) => `'${w.replace(/'/g, "'\\''")}'`).join(" ");
+  const child = spawn("bash", ["-c", `${quoted} >/dev/null 2>&1 </dev/null; times`], {
+    cwd: workdir,
+    env: { ...process.env as Record<string, string>, ...env },
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  let out = "";
+  child.stdout.on("data", (chunk) => (out += chunk));
+  await new Promise((resolve) => child.on("close", resolve));
+  const seconds = (text: string) => {
+    const [, m, s] = text.match(/(\d+)m([\d.]+)s/)!;
+    return Number(m) * 60 + Number(s);
+  };
+  const children = out.trim().split("\n")[1].split(/\s+/); // user and sys of the children
+  return seconds(children[0]) + seconds(children[1]);
+}
+
+async function commandLine(): Promise<void> {
+  const tasks = quick ? 128 : 480;
+  const bytes = quick ? 500_000_000 : 2_000_000_000;
+  // A loopback API whose model starts `tasks` background tasks, 16 to a reply, then stops.
+  let script: string[] = [];
+  let issued = 0;
+  const server = http.createServer((req, res) => {
+    let raw = "";
+    req.on("data", (chunk) => (raw += chunk));
+    req.on("end", () => {
+      const commands = script.slice(issued, issued + 16); // the next 16, then only "Done."
+      issued += commands.length;
+      const blocks = commands.length > 0
+        ? commands.map((command, i) => ({
+          type: "tool_use",
+          id: `toolu_${issued}_${i}`,
+          name: "background_run",
+          input: { command },
+        }))
+        : [{ type: "text", text: "Done." }];
+      // The streaming Messages API, as the SDK reads it.
+      const send = (event: string, data: unknown) =>
+        res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      const usage = { input_tokens: 1, output_tokens: 1 };
+      send("message_start", {
+        type: "message_start",
+        message: { id: "msg", type: "message", role: "assistant", model: "m", content: [], usage },
+      });
+      blocks.forEach((block, index) => {
+        const start = "text" in block ? { type: "text", text: "" } : { ...block, input: {} };
+        send("content_block_start", { type: "content_block_start", index, content_block: start });
+        const delta = "text" in block
+          ? { type: "text_delta", text: block.text }
+          : { type: "input_json_delta", partial_json: JSON.stringify(block.input) };
+        send("content_block_delta", { type: "content_block_delta", index, delta });
+        send("content_block_stop", { type: "content_block_stop", index });
+      });
+      const stop_reason = commands.length > 0 ? "tool_use" : "end_turn";
+      send("message_delta", { type: "message_delta", delta: { stop_reason }, usage });
+      send("message_stop", { type: "message_stop" });
+      res.end();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const env = {
+    ANTHROPIC_API_KEY: "k",
+    ANTHROPIC_BASE_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    S08_BACKGROUND_AFTER_SEC: "0",
+  };
+  const agent = [...runner, path.join(repoDir, "agent.ts"), "-p", "go"];
+  const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
+  const spawner = path.join(floors, "spawner.mts");
+  fs.writeFileSync(
+    spawner,
+    'import { spawn } from "node:child_process";\nimport process from "node:process";\n' +
+      "const commands = JSON.parse(process.argv[2]);\nlet next = 0;\n" +
+      "const one = () => new Promise((done) => {\n" +
+      '  const c = spawn("bash", ["-c", commands[next++]], { detached: true, stdio: ["ignore", "pipe", "pipe"] });\n' +
+      '  c.stdout.on("data", () => {}); c.stderr.on("data", () => {}); c.on("close", done);\n' +
+      "});\nconst worker = async () => { while (next < commands.length) await one(); };\n" +
+      "await Promise.all(Array.from({ length: 16 }, worker));\n",
+  );
+  const floor = (commands: string[]) => [...runner, spawner, JSON.stringify(commands)];
+  const rounds = quick ? 3 : 5;
+  const perUnit = async (commands: string[], units: number) => {
+    script = commands;
+    const [withWork, withWorkFloor] = await interleaved(
+      rounds,
+      () => ((issued = 0), childCpu(agent, env)),
+      () => childCpu(floor(commands), env),
+    );
+    script = [];
+    const [idle, idleFloor] = await interleaved(
+      rounds,
+      () => ((issued = 0), childCpu(agent, env)),
+      () => childCpu(floor([]), env),
+    );
+    const ours = withWork.map((cpu) => (cpu - stats(idle).median) / units);
+    const bare = withWorkFloor.map((cpu) => (cpu - stats(idleFloor).median) / units);
+    return [ours, bare];
+  };
+  const [perTask, perTaskFloor] = await perUnit(Array(tasks).fill("true"), tasks);
+  compare(
+    `13a. CPU per task through the command line (${tasks} x true, a fresh process each)`,
+    "ms",
+    perTask.map((s) => s * 1000),
+    "a bare spawner script, also fresh",
+    perTaskFloor.map((s) => s * 1000),
+    1.5,
+  );
+  const reader = `head -c ${bytes / 2} /dev/zero`;
+  const [perGb, perGbFloor] = await perUnit([reader, reader], bytes / 1e9);
+  compare(
+    `13b. CPU per GB read through the command line (2 x ${bytes / 2e6} MB)`,
+    "s",
+    perGb,
+    "a bare spawner script reading and dropping",
+    perGbFloor,
+    1.5,
+  );
+  server.close();
+  fs.rmSync(floors, { recursive: true, force: true });
 }
 
 function stats1(value: number): Stats {
@@ -1070,6 +1196,7 @@ async function main(): Promise<void> {
     ["10", longSession],
     ["11", killLatency],
     ["12", sessions],
+    ["13", commandLine],
   ];
   const started = wallMs();
   for (const [figure, step] of steps) {
