@@ -506,6 +506,12 @@ async function startFakeApi(
   };
 }
 
+/** The newest block of the newest message, as JSON: what a scripted API answers to. */
+function lastBlockOf(messages: Anthropic.MessageParam[]): string {
+  const content = messages.at(-1)!.content;
+  return JSON.stringify(typeof content === "string" ? content : content.at(-1));
+}
+
 /** A model that starts one background task, then says "Started." to everything. */
 function startOneTaskApi(command: string): Promise<FakeApi> {
   return startFakeApi((_body, index) =>
@@ -3336,14 +3342,13 @@ section("8–9. The offline demo and the command line", 5, () => {
   test("scripting: --input-format stream-json: a result per turn, stop_task, interrupt, bad lines, EOF", async () => {
     const dir = workspace();
     const api = await startFakeApi((body) => {
-      const content = body.messages.at(-1)!.content;
-      const last = JSON.stringify(typeof content === "string" ? content : content.at(-1));
+      const last = lastBlockOf(body.messages);
       if (last.includes("think forever")) return { stall: true };
       if (last.includes("start it")) {
         return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
       }
       if (last.includes("tool_result")) return scriptedReply("Started.");
-      const all = JSON.stringify(content);
+      const all = JSON.stringify(body.messages.at(-1)!.content);
       return scriptedReply(`Heard: ${all.includes("killed") ? "killed" : "other"}`);
     });
     try {
@@ -3547,8 +3552,7 @@ section("8–9. The offline demo and the command line", 5, () => {
   test("sdk: a multi-turn query: stopTask, setModel, interrupt, a canUseTool that denies", async () => {
     const dir = workspace();
     const api = await startFakeApi((body) => {
-      const content = body.messages.at(-1)!.content;
-      const last = JSON.stringify(typeof content === "string" ? content : content.at(-1));
+      const last = lastBlockOf(body.messages);
       if (last.includes("think forever")) return { stall: true };
       if (last.includes("start it")) {
         return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });

@@ -3515,11 +3515,10 @@ function unquote(text: string): string {
 
 // ---------------------------------------------------------------------------
 // 11. The command line
-// Adds: the user-facing shell around the loop. One-shot runs (text, JSON, or a JSON Lines
-// event stream with the background tasks in it), a REPL with live notices above the prompt
-// that wakes the model when a task reports, a session driven by JSON lines on stdin, the
-// .env policy, Deno's permissions asked up front, and one way out that ends every process.
-// One rule for streams: the answer (and JSON) on stdout, everything else on stderr.
+// Adds: the options (those the Claude Agent SDK passes among them), the configuration and the
+// .env policy, Deno's permissions asked up front, and main(), which picks the front-end: a
+// one-shot run, the stream protocol (section 15) or the REPL (13). One rule for streams: the
+// answer (and JSON) on stdout, everything else on stderr.
 // ---------------------------------------------------------------------------
 
 /** The agent's version, as scripts see it in the stream's init event. */
@@ -3832,135 +3831,338 @@ export interface Config {
   contextWindow: number;
 }
 
-/** The REPL prompt: it shows how many background tasks run. */
-export function promptText(running: number): string {
-  return running > 0 ? `s08 [${running} running] >> ` : "s08 >> ";
+/**
+ * The folder the user started the agent from. `npm start` and `deno task start` run in the
+ * package root and pass the caller's folder as INIT_CWD; it is taken only then, so a stale
+ * INIT_CWD inherited from elsewhere never moves a run that was started in another folder.
+ */
+export function userFolder(
+  env: Record<string, string | undefined> = process.env,
+  cwd = process.cwd(),
+  packageRoot = path.dirname(fileURLToPath(import.meta.url)),
+): string {
+  const init = env.INIT_CWD;
+  const real = (dir: string) => {
+    try {
+      return fs.realpathSync(dir);
+    } catch {
+      return null;
+    }
+  };
+  if (!init || !path.isAbsolute(init) || real(cwd) !== real(packageRoot)) return cwd;
+  return fs.statSync(init, { throwIfNoEntry: false })?.isDirectory() ? init : cwd;
 }
 
-/** "[bg:1a2b3c4d] failed (exit 1, 3.0s) npm test: 2 passed, 1 failed": a live notice. */
-function formatNotice(notification: Notification, task: BackgroundTask): string {
-  const p = task.process;
-  const what = notification.kind === "ended"
-    ? `${stateText(p)} ${oneLine(p.command, 60)}: ${cutAtWord(endPreview(p), 120)}`
-    : cutAtWord(notification.text, 160);
-  return `[bg:${task.id}] ${what}`;
+interface DenoPermissionsApi {
+  permissions: {
+    querySync(descriptor: { name: string }): { state: string };
+    requestSync(descriptor: { name: string }): { state: string };
+  };
 }
 
-/** A task by a prefix of its id, unique among all tasks; or a message saying why not. */
-export function findTask(background: BackgroundManager, prefix: string): BackgroundTask | string {
-  const matches = [...background.tasks.values()].filter((t) => t.id.startsWith(prefix));
-  if (matches.length === 1) return matches[0];
-  if (matches.length === 0) return `No task ${prefix}. /tasks lists them.`;
-  return `${prefix} matches ${matches.length} tasks: ${matches.map((t) => t.id).join(", ")}`;
-}
+/** What the agent needs from Deno, and why (said in one line before asking). */
+const DENO_PERMISSIONS: Array<[string, string]> = [
+  ["read", "read the workspace"],
+  ["write", "write files and task logs"],
+  ["run", "run bash and stop what it starts"],
+  ["env", "read its settings and API key"],
+  ["net", "reach the API"],
+];
 
-/** What the slash commands read and change. */
-export interface SlashContext {
-  /** The background tasks. */
-  background: BackgroundManager;
-  /** Tasks the user stopped with /kill: their end does not wake the model. */
-  killedByUser: Set<string>;
-  /** The model (for /cost's prices). */
-  config: { model: string };
-  /** The session's counters. */
-  stats: LoopStats;
-}
-
-/** Slash commands run locally, without a model call. Returns what to print. */
-export function runSlashCommand(line: string, session: SlashContext): string {
-  const { background } = session;
-  const [command, ...rest] = line.trim().split(/\s+/);
-  if (command === "/help") {
-    return [
-      "/tasks          list background tasks",
-      "/kill <id>      stop a background task (any unique prefix of its id)",
-      "/cost           tokens used (cache reads and writes too) and an estimate in dollars",
-      "/resume [id]    this workspace's saved sessions, or open one",
-      "Ctrl+B          while bash runs: move it to the background (it goes on as a task)",
-      "/help           this list",
-      "exit, q         quit (running tasks are killed)",
-    ].join("\n");
+/**
+ * Deno only: asks for every missing permission once, up front, on a terminal (never mid-run);
+ * without a terminal, says in one line how to run it. Returns false when it cannot go on.
+ */
+function denoPermissionsGranted(kinds: string[], explain = true): boolean {
+  const deno = (globalThis as { Deno?: DenoPermissionsApi }).Deno;
+  if (!deno) return true;
+  const wanted = DENO_PERMISSIONS.filter(([name]) =>
+    kinds.includes(name) && deno.permissions.querySync({ name }).state !== "granted"
+  );
+  if (wanted.length === 0) return true;
+  const main = fileURLToPath(import.meta.url);
+  let shown = main;
+  try {
+    shown = path.relative(process.cwd(), main) || main;
+  } catch { /* no read permission for the current folder: show the whole path */ }
+  const command = `deno run -A ${shown}`;
+  const narrow = `deno run ${
+    DENO_PERMISSIONS.map(([name]) => `--allow-${name}`).join(" ")
+  } ${shown}`;
+  const netLater = explain && !kinds.includes("net") &&
+    deno.permissions.querySync({ name: "net" }).state !== "granted";
+  const list = [
+    ...wanted.map(([name, why]) => `${name} (${why})`),
+    ...(netLater ? ["net (reach the API; asked only when a key is set)"] : []),
+  ].join(", ");
+  if (!process.stdin.isTTY) {
+    process.stderr.write(
+      `agent.ts needs Deno permissions: ${list}. Run: ${command}  (or: ${narrow})\n`,
+    );
+    return false;
   }
-  if (command === "/tasks") {
-    const tasks = [...background.tasks.values()];
-    if (tasks.length === 0) return "No background tasks.";
-    return tasks.slice(-TASK_LIST_MAX).map((t) => taskLine(t, 27)).join("\n");
+  if (explain) {
+    const width = process.stderr.columns ? process.stderr.columns - 1 : 0;
+    const text = `agent.ts needs Deno permissions: ${list}. Deno asks once for each.`;
+    process.stderr.write(wrapText(text, width) + "\n");
   }
-  if (command === "/cost") return usageLine(session.config.model, session.stats);
-  if (command === "/kill") {
-    if (!rest[0]) return "Usage: /kill <task id or a unique prefix>";
-    const task = findTask(background, rest[0]);
-    if (typeof task === "string") return task;
-    return killForUser(session, task)
-      ? `Killing ${task.id}...`
-      : `Task ${task.id} is not running: ${stateText(task.process)}`;
-  }
-  return `Unknown command ${command}. Try /help.`;
+  const denied = wanted.filter(([name]) =>
+    deno.permissions.requestSync({ name }).state !== "granted"
+  );
+  if (denied.length === 0) return true;
+  process.stderr.write(`denied: ${denied.map(([n]) => n).join(", ")}. Run: ${command}\n`);
+  return false;
 }
 
-/** Kills a task for the user (or the driving script): its end will not wake the model. */
-function killForUser(session: SlashContext, task: BackgroundTask): boolean {
-  const killing = session.background.kill(task.id);
-  if (killing) session.killedByUser.add(task.id);
-  return killing;
+/** The command line's entry: parse, ask Deno's permissions, start a session, run a mode. */
+export async function main(args: string[]): Promise<void> {
+  let options: CliOptions;
+  try {
+    options = parseArgs(args);
+  } catch (err) {
+    process.stderr.write(`error: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
+  if (options.help) return void process.stdout.write(HELP + "\n");
+  // Deno: first what every run needs; the network only once we know there is a key to use.
+  if (!denoPermissionsGranted(["read", "write", "run", "env"])) process.exit(2);
+  const folder = userFolder();
+  if (folder !== process.cwd()) process.chdir(folder); // the user's project, not the agent's
+  const { config, ignored } = configFrom(process.env, readDotEnv(path.join(process.cwd(), ".env")));
+  if (ignored) warnOnce("dotenv", ignored);
+  const badUrl = config.baseURL !== null && !isHttpUrl(config.baseURL);
+  if (badUrl) {
+    return failBeforeStart(
+      options,
+      `ANTHROPIC_BASE_URL is not an http(s) URL: "${config.baseURL}"`,
+    );
+  }
+  if (options.model) config.model = options.model;
+  if (options.backgroundAfterSec !== null) config.handOffAfterSec = options.backgroundAfterSec;
+  const hasKey = Boolean(config.apiKey || config.authToken);
+  if (hasKey && !options.demo && !denoPermissionsGranted(["net"], false)) process.exit(2);
+  if (!hasKey && !options.demo && (options.print || options.inputFormat === "stream-json")) {
+    return failBeforeStart(options, NO_KEY);
+  }
+  let resumeFile: string | null = null;
+  try {
+    resumeFile = sessionToResume(options, process.cwd());
+  } catch (err) {
+    return failBeforeStart(options, (err as Error).message, 1);
+  }
+  let prompt: string | null = null;
+  if (options.print) {
+    try {
+      prompt = await oneShotPrompt(options.prompt);
+    } catch (err) {
+      process.stderr.write(`error: ${(err as Error).message}\n`);
+      process.exit(2);
+    }
+    if (prompt.trim() === "") {
+      process.stderr.write('error: no prompt: give one (-p "...") or pipe it on stdin\n');
+      process.exit(2);
+    }
+  }
+  const session = startSession(options, config, hasKey);
+  if (resumeFile !== null) {
+    try {
+      const loaded = resumeInto(session, resumeFile);
+      session.err.line(
+        `Resumed session ${loaded.id} (${loaded.history.length} messages` +
+          `${
+            loaded.owed.length > 0 ? `; ${loaded.owed.length} task(s) it left are reported` : ""
+          }).`,
+        "dim",
+      );
+    } catch (err) {
+      failBeforeStart(options, (err as Error).message, 1);
+    }
+  }
+  if (prompt !== null) await runOneShot(session, prompt, options);
+  if (options.inputFormat === "stream-json") {
+    const limits = { wake: options.wake, maxBudgetUsd: options.maxBudgetUsd };
+    return new StreamSession(session, options.permissions, limits).start();
+  }
+  const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
+  const skipped = playsDemo ? await playDemo(session) : false;
+  new Repl(session, options.wake, skipped).start();
 }
 
-/** Up to `maxLines` lines of a result, each cut between words, then "(+N more lines)". */
-function previewLines(text: string, width: number, maxLines = 4): string[] {
-  const lines = text.trim().split("\n");
-  const shown = lines.slice(0, maxLines).map((line) => {
-    const cut = cutAtWord(line, width);
-    return cut.length < line.length ? `${cut} …` : cut;
+/** An address the API client can use: http:// or https://, host and all. */
+function isHttpUrl(text: string): boolean {
+  return URL.canParse(text) && ["http:", "https:"].includes(new URL(text).protocol);
+}
+
+const NO_KEY = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
+  ".env), or pass --demo to run the scripted demo model on purpose.";
+
+/** Which transcript --resume or --continue names (checked, not read yet); none: a new session. */
+function sessionToResume(options: CliOptions, workdir: string): string | null {
+  const asked = [options.resume !== null, options.continueLast, options.sessionId !== null];
+  if (asked.filter(Boolean).length > 1) {
+    throw new Error("--resume, --continue and --session-id go one at a time");
+  }
+  if (options.resume !== null) return findSessionFile(workdir, options.resume);
+  if (options.continueLast) {
+    const newest = listSessions(workdir)[0];
+    if (!newest) throw new Error(`--continue: no saved session in this workspace (${workdir})`);
+    return path.join(transcriptFolder(workdir), `${newest.id}.jsonl`);
+  }
+  if (options.sessionId !== null) {
+    if (
+      !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(options.sessionId)
+    ) {
+      throw new Error(`--session-id takes a UUID, not "${options.sessionId}"`);
+    }
+    if (listSessions(workdir).some((s) => s.id === options.sessionId)) {
+      throw new Error(`session ${options.sessionId} exists already: --resume it`);
+    }
+  }
+  return null;
+}
+
+/** A run that cannot start: one line (and, for scripts, an error result), exit 2. */
+function failBeforeStart(options: CliOptions, message: string, code = 2): never {
+  process.stderr.write(`error: ${message}\n`);
+  if (options.outputFormat !== "text") {
+    const noUsage = { input_tokens: 0, output_tokens: 0 };
+    process.stdout.write(
+      JSON.stringify({
+        type: "result",
+        subtype: "error_during_execution",
+        is_error: true,
+        result: message,
+        errors: [message],
+        num_turns: 0,
+        duration_ms: 0,
+        duration_api_ms: 0,
+        stop_reason: null,
+        usage: { ...noUsage, cache_creation_input_tokens: 0, cache_read_input_tokens: 0 },
+        modelUsage: {},
+        total_cost_usd: 0,
+        permission_denials: [],
+        session_id: "",
+        uuid: crypto.randomUUID(),
+      }) + "\n",
+    );
+  }
+  process.exit(code);
+}
+
+/** Everything a run needs, its clean-up on exit, and orphans of a crashed run ended first. */
+function startSession(options: CliOptions, config: Config, hasKey: boolean): Session {
+  const useDemo = options.demo || !hasKey;
+  const cleanups: Array<() => void> = [];
+  if (!hasKey && !options.print && options.inputFormat === "text") { // the demo REPL: never your folder
+    config = { ...config, workdir: fs.mkdtempSync(path.join(os.tmpdir(), "s08-demo-")) };
+    const demoDir = config.workdir;
+    if (options.keepDemo) {
+      cleanups.push(() => terminal.err.line(`The demo folder stays: ${demoDir}`));
+    } else cleanups.push(() => fs.rmSync(demoDir, { recursive: true, force: true }));
+  }
+  if (useDemo && !options.demo) {
+    terminal.err.line(
+      "No ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set: the offline demo " +
+        "(a scripted model, not Claude).",
+    );
+  }
+  const logs = takeOwnership(options.keepLogs, cleanups);
+  const model = useDemo ? demoModel(process.stdout.isTTY ? 400 : 0) : anthropicModel(config);
+  if (useDemo) config = { ...config, model: model.name }; // /cost and the results name it
+  const session: Session = {
+    config,
+    model, // the demo's pauses as if thinking, for a person watching; piped output skips it
+    background: new BackgroundManager(config.workdir, {
+      logs,
+      onStart: (task) => {
+        session.transcript?.taskStarted(task);
+        session.foreground.taskStarted?.(task);
+      },
+      onNotification: (notification, task) => {
+        if (notification.kind === "ended") session.transcript?.taskEnded(task, notification.text);
+        if (!session.stopping.signal.aborted) session.foreground.notice?.(notification, task);
+      },
+    }),
+    history: [],
+    stats: newStats(),
+    out: terminal.out,
+    err: terminal.err,
+    id: options.sessionId ?? crypto.randomUUID(),
+    startedAt: Date.now(),
+    maxTurns: options.maxTurns,
+    killedByUser: new Set(),
+    stopping: new AbortController(),
+    cleanups,
+    keepLogs: options.keepLogs,
+    tools: TOOLS.filter((t) => !options.permissions.disallowed.has(t.name)),
+    system: options.systemPrompt ?? undefined,
+    handOffs: new HandOffs(),
+    transcript: null,
+    foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
+  };
+  if (options.appendSystemPrompt) {
+    session.system = `${
+      session.system ?? systemPrompt(config.workdir)
+    }\n\n${options.appendSystemPrompt}`;
+  }
+  if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
+  if (!useDemo) session.transcript = newTranscript(session);
+  installExitHandlers(session);
+  if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
+  return session;
+}
+
+/** A new transcript for the session; none (one warning) when the state folder is not usable. */
+function newTranscript(session: Session): Transcript | null {
+  try {
+    const dir = transcriptFolder(session.config.workdir);
+    privateFolderFor(dir);
+    const workspace = session.config.workdir;
+    return new Transcript(path.join(dir, `${session.id}.jsonl`), { id: session.id, workspace });
+  } catch (err) {
+    warnOnce("transcript", `warning: this session is not saved: ${(err as Error).message}`);
+    return null;
+  }
+}
+
+/**
+ * This user's state folder: first end what a crashed agent left running, then record this
+ * run (once), and keep its task logs there. Returns the log folder.
+ */
+function takeOwnership(keepLogs: boolean, cleanups: Array<() => void>): LogFolder | null {
+  let state: StateFolder;
+  try {
+    state = new StateFolder();
+  } catch (err) {
+    warnOnce("state", `warning: no state folder, so no task logs: ${(err as Error).message}`);
+    return null;
+  }
+  if (state.fallbackReason) warnOnce("state-folder", `warning: ${state.fallbackReason}`);
+  const orphans = state.reapOrphans();
+  if (orphans.processes > 0) {
+    terminal.err.line(`Ended ${orphans.processes} process(es) left running by an agent that died.`);
+  }
+  state.writeOwner(keepLogs);
+  const logs = new LogFolder(
+    path.join(state.runDir, "logs"),
+    LOG_CAP_BYTES,
+    LOG_FOLDER_CAP_BYTES,
+    keepLogs,
+  );
+  cleanups.push(() => {
+    state.remove(keepLogs);
+    if (keepLogs) terminal.err.line(`Task logs kept in ${logs.dir}`);
   });
-  if (lines.length > maxLines) shown.push(`(+${lines.length - maxLines} more lines)`);
-  return shown;
+  return logs;
 }
 
-/** A retried API call: one line on stderr, in every mode. */
-function retryLine(session: Session): (why: string) => void {
-  return (why) => {
-    session.out.endLine();
-    session.err.line(`(${why})`, "yellow");
-  };
-}
-
-/** A task's notice as a dim line on stderr (one-shot, demo; the REPL puts it above its prompt). */
-function noticeLine(session: Session): Foreground["notice"] {
-  return (notification, task) => {
-    session.out.endLine();
-    session.err.line(formatNotice(notification, task), "dim");
-  };
-}
-
-/** What a person sees of a turn: streamed text on stdout, tool lines and previews on stderr. */
-function loopEventsFor(session: Session): LoopEvents {
-  const { out, err } = session;
-  const width = () => Math.min(120, (err.width || 100) - 4);
-  return {
-    onModelCall: () => {
-      out.endLine(); // each reply starts on its own line
-      err.startSpinner();
-    },
-    onText: (delta) => {
-      err.stopSpinner(); // the spinner lives on stderr, the text on stdout
-      out.write(delta);
-    },
-    onRetry: retryLine(session),
-    onToolCall: (name, input) => {
-      err.stopSpinner();
-      out.endLine();
-      const fields = (input ?? {}) as Record<string, unknown>;
-      const detail = fields.command ?? fields.path ?? fields.task_id ?? fields.task_ids ?? "";
-      const room = width() - name.length - 4;
-      err.line(`> ${name}${detail === "" ? "" : `: ${oneLine(String(detail), room)}`}`, "cyan");
-    },
-    onToolResult: (_name, outcome) => {
-      for (const line of previewLines(cleanOutput(outcome.content), width() - 2)) {
-        err.line(`  ${line}`, outcome.isError ? "red" : "dim");
-      }
-    },
-  };
-}
+// ---------------------------------------------------------------------------
+// 12. One session, several front-ends
+// Adds: what every front-end shares: one Session (the model, the tasks, the history, the
+// transcript), the foreground that hears Ctrl-C and sees task events, a turn run to its end
+// (a one-shot run, the end of piped input) with one result, and one way out that ends every
+// process the agent started.
+// ---------------------------------------------------------------------------
 
 /** Everything a run shares: the model, the tasks, the history, the terminal, the way out. */
 interface Session {
@@ -4036,6 +4238,166 @@ function loopOptions(session: Session, more: Partial<LoopOptions>): LoopOptions 
   };
 }
 
+/** Kills a task for the user (or the driving script): its end will not wake the model. */
+function killForUser(session: SlashContext, task: BackgroundTask): boolean {
+  const killing = session.background.kill(task.id);
+  if (killing) session.killedByUser.add(task.id);
+  return killing;
+}
+
+/** A retried API call: one line on stderr, in every mode. */
+function retryLine(session: Session): (why: string) => void {
+  return (why) => {
+    session.out.endLine();
+    session.err.line(`(${why})`, "yellow");
+  };
+}
+
+/** Why a message cannot be sent at all (larger than the whole window), or null. It is not kept. */
+function tooLargeToSend(session: Session, content: string | UserContent): string | null {
+  const tokens = Math.ceil(JSON.stringify(content).length / 4);
+  const window = session.stats.learntWindow ?? session.config.contextWindow;
+  if (tokens <= window * 0.9) return null;
+  return `this message is about ${tokens.toLocaleString("en-US")} tokens, more than the ` +
+    `model's context window of ${window.toLocaleString("en-US")} holds: send a smaller part, ` +
+    "or save it to a file and ask the agent to read it in pieces";
+}
+
+/** Saves the conversation at a turn's end; a failing disk is one warning, never an end. */
+function saveTranscript(session: Session): void {
+  try {
+    session.transcript?.save(session.history, session.background);
+  } catch (err) {
+    warnOnce("transcript", `warning: the transcript could not be saved: ${(err as Error).message}`);
+  }
+}
+
+/**
+ * The prompt of a one-shot run: stdin (when it is not a terminal) before the argument, as
+ * `claude -p` does. With an argument, a stdin that sends nothing for a second is left alone.
+ */
+async function oneShotPrompt(argument: string | null): Promise<string> {
+  if (process.stdin.isTTY) return argument ?? "";
+  const chunks: Buffer[] = [];
+  let bytes = 0;
+  const input = await new Promise<string>((resolve, reject) => {
+    const idle = argument === null ? null : setTimeout(() => finish(), 1000);
+    const finish = () => {
+      if (idle) clearTimeout(idle);
+      process.stdin.pause();
+      process.stdin.removeAllListeners("data");
+      resolve(Buffer.concat(chunks).toString("utf8"));
+    };
+    process.stdin.on("data", (chunk: Buffer) => {
+      if (idle) clearTimeout(idle);
+      bytes += chunk.length;
+      if (bytes > MAX_STDIN_BYTES) {
+        reject(new Error(`stdin holds more than ${MAX_STDIN_BYTES} bytes; pass a smaller part`));
+      } else chunks.push(chunk);
+    });
+    process.stdin.on("end", finish);
+    process.stdin.on("error", finish);
+  });
+  const stdin = input.trim();
+  if (argument === null) return stdin;
+  return stdin === "" ? argument : `${stdin}\n\n${argument}`;
+}
+
+/** One-shot: run the prompt to the end (background tasks too), print the answer, exit. */
+async function runOneShot(session: Session, prompt: string, options: CliOptions): Promise<never> {
+  const format = options.outputFormat;
+  const turn = new TurnMeter(session.stats);
+  let events: LoopEvents;
+  if (format === "stream-json") {
+    const writer = new StreamWriter(session);
+    writer.init(options.permissions.mode);
+    session.foreground = {
+      ...quitOnInterrupt(session),
+      taskStarted: (task) => writer.taskStarted(task),
+      notice: (n, task) => writer.notice(n, task),
+      farewell: (killed, code) => writer.farewell(killed, code, turn),
+    };
+    events = writer.loopEvents(turn);
+  } else if (format === "json") {
+    events = {
+      onRetry: retryLine(session),
+      onModelCall: () => turn.startCall(),
+      onReply: (reply) => turn.endCall(reply),
+    };
+    session.foreground = {
+      ...quitOnInterrupt(session),
+      farewell: (_killed, code) => emit(resultMessage(session, signalledEnd(code), turn)),
+    };
+  } else {
+    session.foreground = { ...quitOnInterrupt(session), notice: noticeLine(session) };
+    events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
+  }
+  const permit = (call: ToolCall) => decide(options.permissions, call, turn, refuseAsking);
+  const tooLarge = tooLargeToSend(session, prompt);
+  const finished = tooLarge !== null
+    ? { subtype: "error_during_execution" as const, result: tooLarge }
+    : await runToEnd(session, prompt, events, permit);
+  return finishRun(session, finished, format, turn);
+}
+
+/** -p has no client to ask: a tool that would need asking is refused. */
+function refuseAsking(call: ToolCall): Promise<{ deny: string }> {
+  return Promise.resolve({ deny: `${call.name} needs a client to ask (stream-json input)` });
+}
+
+/** The result of a run that a signal ended. */
+function signalledEnd(code: number): TurnEnd {
+  return { subtype: "error_during_execution", result: `ended by a signal (exit ${code})` };
+}
+
+/**
+ * A turn that waits for every running task and reports what they did: one-shot runs and the
+ * end of piped input. Returns how it went; a signal ends it without returning.
+ */
+async function runToEnd(
+  session: Session,
+  userText: string | null,
+  events: LoopEvents,
+  permit?: LoopOptions["permit"],
+): Promise<TurnEnd> {
+  try {
+    const options = loopOptions(session, { waitForBackground: true, events, permit });
+    return { subtype: "success", result: await agentLoop(session.history, userText, options) };
+  } catch (error) {
+    if (session.stopping.signal.aborted) return new Promise<never>(() => {}); // a signal ends it
+    session.err.stopSpinner();
+    const subtype = error instanceof MaxTurnsError ? "error_max_turns" : "error_during_execution";
+    return { subtype, result: (error as Error).message };
+  }
+}
+
+/** The exit code for each way a run ends. */
+const EXIT_CODES: Record<TurnEnd["subtype"], number> = {
+  success: 0,
+  error_during_execution: 1,
+  error_max_turns: EXIT_MAX_TURNS,
+  error_max_budget_usd: 1,
+};
+
+/**
+ * The end of a run that reports once: its tasks end first, then the result (JSON on stdout,
+ * or an error line on stderr), then the exit with the documented code.
+ */
+async function finishRun(
+  session: Session,
+  end: TurnEnd,
+  format: CliOptions["outputFormat"],
+  turn: TurnMeter,
+): Promise<never> {
+  await stopAll(session.background); // past --max-turns or an error, tasks still run
+  saveTranscript(session);
+  session.out.endLine();
+  session.foreground = quitOnInterrupt(session); // the result is written: no second one
+  if (format !== "text") emit(resultMessage(session, end, turn));
+  else if (end.subtype !== "success") session.err.line(`error: ${end.result}`);
+  return exitCleanly(session, EXIT_CODES[end.subtype]);
+}
+
 /**
  * Every way out comes here: end every process the agent started (and what escaped their
  * groups), remove its temporary folders, write out what stdout still holds, then exit.
@@ -4064,25 +4426,6 @@ async function exitCleanly(session: Session, code: number, why = ""): Promise<ne
   }
   await Promise.all([flushed(process.stdout), flushed(process.stderr)]);
   process.exit(code);
-}
-
-/** Why a message cannot be sent at all (larger than the whole window), or null. It is not kept. */
-function tooLargeToSend(session: Session, content: string | UserContent): string | null {
-  const tokens = Math.ceil(JSON.stringify(content).length / 4);
-  const window = session.stats.learntWindow ?? session.config.contextWindow;
-  if (tokens <= window * 0.9) return null;
-  return `this message is about ${tokens.toLocaleString("en-US")} tokens, more than the ` +
-    `model's context window of ${window.toLocaleString("en-US")} holds: send a smaller part, ` +
-    "or save it to a file and ask the agent to read it in pieces";
-}
-
-/** Saves the conversation at a turn's end; a failing disk is one warning, never an end. */
-function saveTranscript(session: Session): void {
-  try {
-    session.transcript?.save(session.history, session.background);
-  } catch (err) {
-    warnOnce("transcript", `warning: the transcript could not be saved: ${(err as Error).message}`);
-  }
 }
 
 /** Resolves once everything written to the stream has been handed to the OS (or it broke). */
@@ -4143,78 +4486,126 @@ function wrapperParents(parent: number): number[] {
   }
 }
 
-/** The exit code for each way a run ends. */
-const EXIT_CODES: Record<TurnEnd["subtype"], number> = {
-  success: 0,
-  error_during_execution: 1,
-  error_max_turns: EXIT_MAX_TURNS,
-  error_max_budget_usd: 1,
-};
+// ---------------------------------------------------------------------------
+// 13. The terminal
+// Adds: the front-end a person sees: tool lines and previews, live notices above the prompt,
+// the REPL (it wakes the model when a task reports; Ctrl+B hands a command to the background),
+// the slash commands, and the demo's playback.
+// ---------------------------------------------------------------------------
 
-/**
- * The end of a run that reports once: its tasks end first, then the result (JSON on stdout,
- * or an error line on stderr), then the exit with the documented code.
- */
-async function finishRun(
-  session: Session,
-  end: TurnEnd,
-  format: CliOptions["outputFormat"],
-  turn: TurnMeter,
-): Promise<never> {
-  await stopAll(session.background); // past --max-turns or an error, tasks still run
-  saveTranscript(session);
-  session.out.endLine();
-  session.foreground = quitOnInterrupt(session); // the result is written: no second one
-  if (format !== "text") emit(resultMessage(session, end, turn));
-  else if (end.subtype !== "success") session.err.line(`error: ${end.result}`);
-  return exitCleanly(session, EXIT_CODES[end.subtype]);
+/** The REPL prompt: it shows how many background tasks run. */
+export function promptText(running: number): string {
+  return running > 0 ? `s08 [${running} running] >> ` : "s08 >> ";
 }
 
-/** One-shot: run the prompt to the end (background tasks too), print the answer, exit. */
-async function runOneShot(session: Session, prompt: string, options: CliOptions): Promise<never> {
-  const format = options.outputFormat;
-  const turn = new TurnMeter(session.stats);
-  let events: LoopEvents;
-  if (format === "stream-json") {
-    const writer = new StreamWriter(session);
-    writer.init(options.permissions.mode);
-    session.foreground = {
-      ...quitOnInterrupt(session),
-      taskStarted: (task) => writer.taskStarted(task),
-      notice: (n, task) => writer.notice(n, task),
-      farewell: (killed, code) => writer.farewell(killed, code, turn),
-    };
-    events = writer.loopEvents(turn);
-  } else if (format === "json") {
-    events = {
-      onRetry: retryLine(session),
-      onModelCall: () => turn.startCall(),
-      onReply: (reply) => turn.endCall(reply),
-    };
-    session.foreground = {
-      ...quitOnInterrupt(session),
-      farewell: (_killed, code) => emit(resultMessage(session, signalledEnd(code), turn)),
-    };
-  } else {
-    session.foreground = { ...quitOnInterrupt(session), notice: noticeLine(session) };
-    events = { ...loopEventsFor(session), onReply: () => showWaiting(session) };
+/** "[bg:1a2b3c4d] failed (exit 1, 3.0s) npm test: 2 passed, 1 failed": a live notice. */
+function formatNotice(notification: Notification, task: BackgroundTask): string {
+  const p = task.process;
+  const what = notification.kind === "ended"
+    ? `${stateText(p)} ${oneLine(p.command, 60)}: ${cutAtWord(endPreview(p), 120)}`
+    : cutAtWord(notification.text, 160);
+  return `[bg:${task.id}] ${what}`;
+}
+
+/** A task by a prefix of its id, unique among all tasks; or a message saying why not. */
+export function findTask(background: BackgroundManager, prefix: string): BackgroundTask | string {
+  const matches = [...background.tasks.values()].filter((t) => t.id.startsWith(prefix));
+  if (matches.length === 1) return matches[0];
+  if (matches.length === 0) return `No task ${prefix}. /tasks lists them.`;
+  return `${prefix} matches ${matches.length} tasks: ${matches.map((t) => t.id).join(", ")}`;
+}
+
+/** What the slash commands read and change. */
+export interface SlashContext {
+  /** The background tasks. */
+  background: BackgroundManager;
+  /** Tasks the user stopped with /kill: their end does not wake the model. */
+  killedByUser: Set<string>;
+  /** The model (for /cost's prices). */
+  config: { model: string };
+  /** The session's counters. */
+  stats: LoopStats;
+}
+
+/** Slash commands run locally, without a model call. Returns what to print. */
+export function runSlashCommand(line: string, session: SlashContext): string {
+  const { background } = session;
+  const [command, ...rest] = line.trim().split(/\s+/);
+  if (command === "/help") {
+    return [
+      "/tasks          list background tasks",
+      "/kill <id>      stop a background task (any unique prefix of its id)",
+      "/cost           tokens used (cache reads and writes too) and an estimate in dollars",
+      "/resume [id]    this workspace's saved sessions, or open one",
+      "Ctrl+B          while bash runs: move it to the background (it goes on as a task)",
+      "/help           this list",
+      "exit, q         quit (running tasks are killed)",
+    ].join("\n");
   }
-  const permit = (call: ToolCall) => decide(options.permissions, call, turn, refuseAsking);
-  const tooLarge = tooLargeToSend(session, prompt);
-  const finished = tooLarge !== null
-    ? { subtype: "error_during_execution" as const, result: tooLarge }
-    : await runToEnd(session, prompt, events, permit);
-  return finishRun(session, finished, format, turn);
+  if (command === "/tasks") {
+    const tasks = [...background.tasks.values()];
+    if (tasks.length === 0) return "No background tasks.";
+    return tasks.slice(-TASK_LIST_MAX).map((t) => taskLine(t, 27)).join("\n");
+  }
+  if (command === "/cost") return usageLine(session.config.model, session.stats);
+  if (command === "/kill") {
+    if (!rest[0]) return "Usage: /kill <task id or a unique prefix>";
+    const task = findTask(background, rest[0]);
+    if (typeof task === "string") return task;
+    return killForUser(session, task)
+      ? `Killing ${task.id}...`
+      : `Task ${task.id} is not running: ${stateText(task.process)}`;
+  }
+  return `Unknown command ${command}. Try /help.`;
 }
 
-/** -p has no client to ask: a tool that would need asking is refused. */
-function refuseAsking(call: ToolCall): Promise<{ deny: string }> {
-  return Promise.resolve({ deny: `${call.name} needs a client to ask (stream-json input)` });
+/** Up to `maxLines` lines of a result, each cut between words, then "(+N more lines)". */
+function previewLines(text: string, width: number, maxLines = 4): string[] {
+  const lines = text.trim().split("\n");
+  const shown = lines.slice(0, maxLines).map((line) => {
+    const cut = cutAtWord(line, width);
+    return cut.length < line.length ? `${cut} …` : cut;
+  });
+  if (lines.length > maxLines) shown.push(`(+${lines.length - maxLines} more lines)`);
+  return shown;
 }
 
-/** The result of a run that a signal ended. */
-function signalledEnd(code: number): TurnEnd {
-  return { subtype: "error_during_execution", result: `ended by a signal (exit ${code})` };
+/** A task's notice as a dim line on stderr (one-shot, demo; the REPL puts it above its prompt). */
+function noticeLine(session: Session): Foreground["notice"] {
+  return (notification, task) => {
+    session.out.endLine();
+    session.err.line(formatNotice(notification, task), "dim");
+  };
+}
+
+/** What a person sees of a turn: streamed text on stdout, tool lines and previews on stderr. */
+function loopEventsFor(session: Session): LoopEvents {
+  const { out, err } = session;
+  const width = () => Math.min(120, (err.width || 100) - 4);
+  return {
+    onModelCall: () => {
+      out.endLine(); // each reply starts on its own line
+      err.startSpinner();
+    },
+    onText: (delta) => {
+      err.stopSpinner(); // the spinner lives on stderr, the text on stdout
+      out.write(delta);
+    },
+    onRetry: retryLine(session),
+    onToolCall: (name, input) => {
+      err.stopSpinner();
+      out.endLine();
+      const fields = (input ?? {}) as Record<string, unknown>;
+      const detail = fields.command ?? fields.path ?? fields.task_id ?? fields.task_ids ?? "";
+      const room = width() - name.length - 4;
+      err.line(`> ${name}${detail === "" ? "" : `: ${oneLine(String(detail), room)}`}`, "cyan");
+    },
+    onToolResult: (_name, outcome) => {
+      for (const line of previewLines(cleanOutput(outcome.content), width() - 2)) {
+        err.line(`  ${line}`, outcome.isError ? "red" : "dim");
+      }
+    },
+  };
 }
 
 /** -p on a terminal: while the model waits for background tasks, one live status line. */
@@ -4230,58 +4621,6 @@ function showWaiting(session: Session): void {
     );
     return `waiting for ${running.length} background task(s): ${each.join(", ")}`;
   });
-}
-
-/**
- * A turn that waits for every running task and reports what they did: one-shot runs and the
- * end of piped input. Returns how it went; a signal ends it without returning.
- */
-async function runToEnd(
-  session: Session,
-  userText: string | null,
-  events: LoopEvents,
-  permit?: LoopOptions["permit"],
-): Promise<TurnEnd> {
-  try {
-    const options = loopOptions(session, { waitForBackground: true, events, permit });
-    return { subtype: "success", result: await agentLoop(session.history, userText, options) };
-  } catch (error) {
-    if (session.stopping.signal.aborted) return new Promise<never>(() => {}); // a signal ends it
-    session.err.stopSpinner();
-    const subtype = error instanceof MaxTurnsError ? "error_max_turns" : "error_during_execution";
-    return { subtype, result: (error as Error).message };
-  }
-}
-
-/**
- * The prompt of a one-shot run: stdin (when it is not a terminal) before the argument, as
- * `claude -p` does. With an argument, a stdin that sends nothing for a second is left alone.
- */
-async function oneShotPrompt(argument: string | null): Promise<string> {
-  if (process.stdin.isTTY) return argument ?? "";
-  const chunks: Buffer[] = [];
-  let bytes = 0;
-  const input = await new Promise<string>((resolve, reject) => {
-    const idle = argument === null ? null : setTimeout(() => finish(), 1000);
-    const finish = () => {
-      if (idle) clearTimeout(idle);
-      process.stdin.pause();
-      process.stdin.removeAllListeners("data");
-      resolve(Buffer.concat(chunks).toString("utf8"));
-    };
-    process.stdin.on("data", (chunk: Buffer) => {
-      if (idle) clearTimeout(idle);
-      bytes += chunk.length;
-      if (bytes > MAX_STDIN_BYTES) {
-        reject(new Error(`stdin holds more than ${MAX_STDIN_BYTES} bytes; pass a smaller part`));
-      } else chunks.push(chunk);
-    });
-    process.stdin.on("end", finish);
-    process.stdin.on("error", finish);
-  });
-  const stdin = input.trim();
-  if (argument === null) return stdin;
-  return stdin === "" ? argument : `${stdin}\n\n${argument}`;
 }
 
 /**
@@ -4625,333 +4964,8 @@ function forgetDrawnPromptRows(rl: readline.Interface): void {
   if (typeof drawn.prevRows === "number") drawn.prevRows = 0;
 }
 
-interface DenoPermissionsApi {
-  permissions: {
-    querySync(descriptor: { name: string }): { state: string };
-    requestSync(descriptor: { name: string }): { state: string };
-  };
-}
-
-/** What the agent needs from Deno, and why (said in one line before asking). */
-const DENO_PERMISSIONS: Array<[string, string]> = [
-  ["read", "read the workspace"],
-  ["write", "write files and task logs"],
-  ["run", "run bash and stop what it starts"],
-  ["env", "read its settings and API key"],
-  ["net", "reach the API"],
-];
-
-/**
- * Deno only: asks for every missing permission once, up front, on a terminal (never mid-run);
- * without a terminal, says in one line how to run it. Returns false when it cannot go on.
- */
-function denoPermissionsGranted(kinds: string[], explain = true): boolean {
-  const deno = (globalThis as { Deno?: DenoPermissionsApi }).Deno;
-  if (!deno) return true;
-  const wanted = DENO_PERMISSIONS.filter(([name]) =>
-    kinds.includes(name) && deno.permissions.querySync({ name }).state !== "granted"
-  );
-  if (wanted.length === 0) return true;
-  const main = fileURLToPath(import.meta.url);
-  let shown = main;
-  try {
-    shown = path.relative(process.cwd(), main) || main;
-  } catch { /* no read permission for the current folder: show the whole path */ }
-  const command = `deno run -A ${shown}`;
-  const narrow = `deno run ${
-    DENO_PERMISSIONS.map(([name]) => `--allow-${name}`).join(" ")
-  } ${shown}`;
-  const netLater = explain && !kinds.includes("net") &&
-    deno.permissions.querySync({ name: "net" }).state !== "granted";
-  const list = [
-    ...wanted.map(([name, why]) => `${name} (${why})`),
-    ...(netLater ? ["net (reach the API; asked only when a key is set)"] : []),
-  ].join(", ");
-  if (!process.stdin.isTTY) {
-    process.stderr.write(
-      `agent.ts needs Deno permissions: ${list}. Run: ${command}  (or: ${narrow})\n`,
-    );
-    return false;
-  }
-  if (explain) {
-    const width = process.stderr.columns ? process.stderr.columns - 1 : 0;
-    const text = `agent.ts needs Deno permissions: ${list}. Deno asks once for each.`;
-    process.stderr.write(wrapText(text, width) + "\n");
-  }
-  const denied = wanted.filter(([name]) =>
-    deno.permissions.requestSync({ name }).state !== "granted"
-  );
-  if (denied.length === 0) return true;
-  process.stderr.write(`denied: ${denied.map(([n]) => n).join(", ")}. Run: ${command}\n`);
-  return false;
-}
-
-/**
- * The folder the user started the agent from. `npm start` and `deno task start` run in the
- * package root and pass the caller's folder as INIT_CWD; it is taken only then, so a stale
- * INIT_CWD inherited from elsewhere never moves a run that was started in another folder.
- */
-export function userFolder(
-  env: Record<string, string | undefined> = process.env,
-  cwd = process.cwd(),
-  packageRoot = path.dirname(fileURLToPath(import.meta.url)),
-): string {
-  const init = env.INIT_CWD;
-  const real = (dir: string) => {
-    try {
-      return fs.realpathSync(dir);
-    } catch {
-      return null;
-    }
-  };
-  if (!init || !path.isAbsolute(init) || real(cwd) !== real(packageRoot)) return cwd;
-  return fs.statSync(init, { throwIfNoEntry: false })?.isDirectory() ? init : cwd;
-}
-
-/** The command line's entry: parse, ask Deno's permissions, start a session, run a mode. */
-export async function main(args: string[]): Promise<void> {
-  let options: CliOptions;
-  try {
-    options = parseArgs(args);
-  } catch (err) {
-    process.stderr.write(`error: ${(err as Error).message}\n`);
-    process.exit(2);
-  }
-  if (options.help) return void process.stdout.write(HELP + "\n");
-  // Deno: first what every run needs; the network only once we know there is a key to use.
-  if (!denoPermissionsGranted(["read", "write", "run", "env"])) process.exit(2);
-  const folder = userFolder();
-  if (folder !== process.cwd()) process.chdir(folder); // the user's project, not the agent's
-  const { config, ignored } = configFrom(process.env, readDotEnv(path.join(process.cwd(), ".env")));
-  if (ignored) warnOnce("dotenv", ignored);
-  const badUrl = config.baseURL !== null && !isHttpUrl(config.baseURL);
-  if (badUrl) {
-    return failBeforeStart(
-      options,
-      `ANTHROPIC_BASE_URL is not an http(s) URL: "${config.baseURL}"`,
-    );
-  }
-  if (options.model) config.model = options.model;
-  if (options.backgroundAfterSec !== null) config.handOffAfterSec = options.backgroundAfterSec;
-  const hasKey = Boolean(config.apiKey || config.authToken);
-  if (hasKey && !options.demo && !denoPermissionsGranted(["net"], false)) process.exit(2);
-  if (!hasKey && !options.demo && (options.print || options.inputFormat === "stream-json")) {
-    return failBeforeStart(options, NO_KEY);
-  }
-  let resumeFile: string | null = null;
-  try {
-    resumeFile = sessionToResume(options, process.cwd());
-  } catch (err) {
-    return failBeforeStart(options, (err as Error).message, 1);
-  }
-  let prompt: string | null = null;
-  if (options.print) {
-    try {
-      prompt = await oneShotPrompt(options.prompt);
-    } catch (err) {
-      process.stderr.write(`error: ${(err as Error).message}\n`);
-      process.exit(2);
-    }
-    if (prompt.trim() === "") {
-      process.stderr.write('error: no prompt: give one (-p "...") or pipe it on stdin\n');
-      process.exit(2);
-    }
-  }
-  const session = startSession(options, config, hasKey);
-  if (resumeFile !== null) {
-    try {
-      const loaded = resumeInto(session, resumeFile);
-      session.err.line(
-        `Resumed session ${loaded.id} (${loaded.history.length} messages` +
-          `${
-            loaded.owed.length > 0 ? `; ${loaded.owed.length} task(s) it left are reported` : ""
-          }).`,
-        "dim",
-      );
-    } catch (err) {
-      failBeforeStart(options, (err as Error).message, 1);
-    }
-  }
-  if (prompt !== null) await runOneShot(session, prompt, options);
-  if (options.inputFormat === "stream-json") {
-    const limits = { wake: options.wake, maxBudgetUsd: options.maxBudgetUsd };
-    return new StreamSession(session, options.permissions, limits).start();
-  }
-  const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
-  const skipped = playsDemo ? await playDemo(session) : false;
-  new Repl(session, options.wake, skipped).start();
-}
-
-/** An address the API client can use: http:// or https://, host and all. */
-function isHttpUrl(text: string): boolean {
-  return URL.canParse(text) && ["http:", "https:"].includes(new URL(text).protocol);
-}
-
-const NO_KEY = "no ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set. Set one (or put it in " +
-  ".env), or pass --demo to run the scripted demo model on purpose.";
-
-/** Which transcript --resume or --continue names (checked, not read yet); none: a new session. */
-function sessionToResume(options: CliOptions, workdir: string): string | null {
-  const asked = [options.resume !== null, options.continueLast, options.sessionId !== null];
-  if (asked.filter(Boolean).length > 1) {
-    throw new Error("--resume, --continue and --session-id go one at a time");
-  }
-  if (options.resume !== null) return findSessionFile(workdir, options.resume);
-  if (options.continueLast) {
-    const newest = listSessions(workdir)[0];
-    if (!newest) throw new Error(`--continue: no saved session in this workspace (${workdir})`);
-    return path.join(transcriptFolder(workdir), `${newest.id}.jsonl`);
-  }
-  if (options.sessionId !== null) {
-    if (
-      !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(options.sessionId)
-    ) {
-      throw new Error(`--session-id takes a UUID, not "${options.sessionId}"`);
-    }
-    if (listSessions(workdir).some((s) => s.id === options.sessionId)) {
-      throw new Error(`session ${options.sessionId} exists already: --resume it`);
-    }
-  }
-  return null;
-}
-
-/** A run that cannot start: one line (and, for scripts, an error result), exit 2. */
-function failBeforeStart(options: CliOptions, message: string, code = 2): never {
-  process.stderr.write(`error: ${message}\n`);
-  if (options.outputFormat !== "text") {
-    const noUsage = { input_tokens: 0, output_tokens: 0 };
-    process.stdout.write(
-      JSON.stringify({
-        type: "result",
-        subtype: "error_during_execution",
-        is_error: true,
-        result: message,
-        errors: [message],
-        num_turns: 0,
-        duration_ms: 0,
-        duration_api_ms: 0,
-        stop_reason: null,
-        usage: { ...noUsage, cache_creation_input_tokens: 0, cache_read_input_tokens: 0 },
-        modelUsage: {},
-        total_cost_usd: 0,
-        permission_denials: [],
-        session_id: "",
-        uuid: crypto.randomUUID(),
-      }) + "\n",
-    );
-  }
-  process.exit(code);
-}
-
-/** Everything a run needs, its clean-up on exit, and orphans of a crashed run ended first. */
-function startSession(options: CliOptions, config: Config, hasKey: boolean): Session {
-  const useDemo = options.demo || !hasKey;
-  const cleanups: Array<() => void> = [];
-  if (!hasKey && !options.print && options.inputFormat === "text") { // the demo REPL: never your folder
-    config = { ...config, workdir: fs.mkdtempSync(path.join(os.tmpdir(), "s08-demo-")) };
-    const demoDir = config.workdir;
-    if (options.keepDemo) {
-      cleanups.push(() => terminal.err.line(`The demo folder stays: ${demoDir}`));
-    } else cleanups.push(() => fs.rmSync(demoDir, { recursive: true, force: true }));
-  }
-  if (useDemo && !options.demo) {
-    terminal.err.line(
-      "No ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN set: the offline demo " +
-        "(a scripted model, not Claude).",
-    );
-  }
-  const logs = takeOwnership(options.keepLogs, cleanups);
-  const model = useDemo ? demoModel(process.stdout.isTTY ? 400 : 0) : anthropicModel(config);
-  if (useDemo) config = { ...config, model: model.name }; // /cost and the results name it
-  const session: Session = {
-    config,
-    model, // the demo's pauses as if thinking, for a person watching; piped output skips it
-    background: new BackgroundManager(config.workdir, {
-      logs,
-      onStart: (task) => {
-        session.transcript?.taskStarted(task);
-        session.foreground.taskStarted?.(task);
-      },
-      onNotification: (notification, task) => {
-        if (notification.kind === "ended") session.transcript?.taskEnded(task, notification.text);
-        if (!session.stopping.signal.aborted) session.foreground.notice?.(notification, task);
-      },
-    }),
-    history: [],
-    stats: newStats(),
-    out: terminal.out,
-    err: terminal.err,
-    id: options.sessionId ?? crypto.randomUUID(),
-    startedAt: Date.now(),
-    maxTurns: options.maxTurns,
-    killedByUser: new Set(),
-    stopping: new AbortController(),
-    cleanups,
-    keepLogs: options.keepLogs,
-    tools: TOOLS.filter((t) => !options.permissions.disallowed.has(t.name)),
-    system: options.systemPrompt ?? undefined,
-    handOffs: new HandOffs(),
-    transcript: null,
-    foreground: { interrupt: () => void exitCleanly(session, 130) }, // quitOnInterrupt's, inline
-  };
-  if (options.appendSystemPrompt) {
-    session.system = `${
-      session.system ?? systemPrompt(config.workdir)
-    }\n\n${options.appendSystemPrompt}`;
-  }
-  if (options.outputFormat !== "text") session.out.quiet = true; // stdout is for JSON only
-  if (!useDemo) session.transcript = newTranscript(session);
-  installExitHandlers(session);
-  if (!useDemo) setTimeout(() => void loadSdk(), 0).unref(); // after the prompt is drawn
-  return session;
-}
-
-/** A new transcript for the session; none (one warning) when the state folder is not usable. */
-function newTranscript(session: Session): Transcript | null {
-  try {
-    const dir = transcriptFolder(session.config.workdir);
-    privateFolderFor(dir);
-    const workspace = session.config.workdir;
-    return new Transcript(path.join(dir, `${session.id}.jsonl`), { id: session.id, workspace });
-  } catch (err) {
-    warnOnce("transcript", `warning: this session is not saved: ${(err as Error).message}`);
-    return null;
-  }
-}
-
-/**
- * This user's state folder: first end what a crashed agent left running, then record this
- * run (once), and keep its task logs there. Returns the log folder.
- */
-function takeOwnership(keepLogs: boolean, cleanups: Array<() => void>): LogFolder | null {
-  let state: StateFolder;
-  try {
-    state = new StateFolder();
-  } catch (err) {
-    warnOnce("state", `warning: no state folder, so no task logs: ${(err as Error).message}`);
-    return null;
-  }
-  if (state.fallbackReason) warnOnce("state-folder", `warning: ${state.fallbackReason}`);
-  const orphans = state.reapOrphans();
-  if (orphans.processes > 0) {
-    terminal.err.line(`Ended ${orphans.processes} process(es) left running by an agent that died.`);
-  }
-  state.writeOwner(keepLogs);
-  const logs = new LogFolder(
-    path.join(state.runDir, "logs"),
-    LOG_CAP_BYTES,
-    LOG_FOLDER_CAP_BYTES,
-    keepLogs,
-  );
-  cleanups.push(() => {
-    state.remove(keepLogs);
-    if (keepLogs) terminal.err.line(`Task logs kept in ${logs.dir}`);
-  });
-  return logs;
-}
-
 // ---------------------------------------------------------------------------
-// 12. Sessions that last
+// 14. Sessions that last
 // Adds: a transcript of every session, so a conversation can be resumed (--continue,
 // --resume ID, /resume) after the terminal closed or the agent died. It is JSON Lines in the
 // user's state folder ($XDG_STATE_HOME or ~/.local/state, s08-agent/<workspace>/<id>.jsonl;
@@ -5293,7 +5307,7 @@ function resumeInto(session: Session, file: string): LoadedSession {
 }
 
 // ---------------------------------------------------------------------------
-// 13. The stream protocol
+// 15. The stream protocol
 // Adds: what the Claude Agent SDK's query() expects of the executable it spawns (stream-json
 // both ways): its messages (system/init, assistant, user, one result per turn), background
 // tasks as its task events, every control request answered (initialize, interrupt, stop_task,
