@@ -3427,6 +3427,54 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
+  test("scripting: images go to the model; an unknown block, a signal: each ends as the SDK expects", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "background_run", input: { command: "sleep 300" } })
+        : scriptedReply(`Seen ${JSON.stringify(body.messages).includes('"type":"image"')}`)
+    );
+    try {
+      const agent = startAgent(["--input-format=stream-json", "--output-format=stream-json"], {
+        cwd: dir,
+        env: api.env,
+      });
+      const send = (line: unknown) => agent.child.stdin.write(JSON.stringify(line) + "\n");
+      const initialize = { subtype: "initialize", appendSystemPrompt: "MARKER-42" };
+      send({ type: "control_request", request_id: "i0", request: initialize });
+      send({ type: "user", message: { role: "user", content: "start it" } });
+      await eventually(() => agent.output().split('"type":"result"').length === 2, "one turn");
+      const image = { type: "base64", media_type: "image/png", data: "iVBORw0KGgo=" };
+      send({
+        type: "user",
+        message: {
+          role: "user",
+          content: [{ type: "text", text: "what is this?" }, { type: "image", source: image }],
+        },
+      });
+      send({ type: "user", message: { role: "user", content: [{ type: "audio", data: "x" }] } });
+      await eventually(() => agent.output().split('"type":"result"').length === 4, "two more");
+      agent.child.kill("SIGTERM");
+      const { code, signal, stdout } = await agent.exited;
+      assert.ok(exitedWith({ code, signal }, 143, "SIGTERM"), `exit ${code} ${signal}`);
+      const events = validStream(stdout);
+      const results = events.filter((e) => e.type === "result");
+      assert.deepEqual(results.map((r) => r.result), [
+        "Seen false",
+        "Seen true",
+        'unsupported content block "audio": send text, image or document blocks',
+        "ended by a signal (exit 143)",
+      ]);
+      const stopped = events.filter((e) => e.subtype === "task_notification");
+      assert.deepEqual(stopped.map((e) => e.status), ["stopped"], "the running task, told");
+      assert.ok(events.indexOf(stopped[0]) < events.indexOf(results[3]), "then the result");
+      const system = JSON.stringify(api.requests[0].system);
+      assert.match(system, /You are a coding agent[\s\S]*MARKER-42/, "added to ours");
+    } finally {
+      await api.close();
+    }
+  });
+
   test("scripting: background_tasks (the SDK's backgroundTasks()) moves a running bash; its end is told once", async () => {
     const dir = workspace();
     const api = await startFakeApi((body, index) =>

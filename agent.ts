@@ -5678,7 +5678,7 @@ async function decide(
 }
 
 /** One queued piece of work for the stream session: a user message, or a wake-up. */
-type StreamItem = { content: UserContent } | { wake: true };
+type StreamItem = { content: UserContent } | { wake: true } | { refused: string };
 
 /**
  * --input-format stream-json: each stdin line is a user message or a control request; each
@@ -5755,11 +5755,8 @@ class StreamSession {
     const checked = typeof parsed === "string"
       ? parsed
       : tooLargeToSend(this.session, parsed) ?? parsed;
-    if (typeof checked === "string") { // a turn that cannot run ends at once, with why
-      const turn = new TurnMeter(this.session.stats);
-      return this.writer.result({ subtype: "error_during_execution", result: checked }, turn);
-    }
-    this.enqueue({ content: checked });
+    // A message that cannot be sent still gets its result, in its turn's place.
+    this.enqueue(typeof checked === "string" ? { refused: checked } : { content: checked });
   }
 
   private enqueue(item: StreamItem): void {
@@ -5783,6 +5780,12 @@ class StreamSession {
         continue;
       }
       if ("wake" in item && this.session.background.queue.length === 0) continue;
+      if ("refused" in item) {
+        const end = { subtype: "error_during_execution" as const, result: item.refused };
+        this.lastEnd = end;
+        this.writer.result(end, new TurnMeter(this.session.stats));
+        continue;
+      }
       await this.runTurn("wake" in item ? null : item.content);
     }
     this.busy = false;
