@@ -66,6 +66,7 @@ import {
   userFolder,
   waitForTasks,
   wellFormed,
+  wrapText,
 } from "./agent.ts";
 
 // ---------------------------------------------------------------------------
@@ -4221,6 +4222,27 @@ section("8–9. The offline demo and the command line", 5, () => {
     } finally {
       await api.close();
     }
+  });
+
+  test("cli: a line in columns keeps them when it wraps; short lines stay whole", () => {
+    const help = "/resume [id]    this workspace's saved sessions, or open one of them by its id";
+    const rows = wrapText(help, 40).split("\n");
+    assert.ok(rows.length > 1 && rows.every((r) => r.length <= 40), rows.join("|"));
+    assert.ok(
+      rows.slice(1).every((r) => r.startsWith(" ".repeat(16)) && r[16] !== " "),
+      rows.join("|"),
+    );
+    assert.deepEqual(rows.map((r) => r.trim()).join(" ").split(/\s+/), help.split(/\s+/));
+    const task = `1a2b3c4d  running 3.2s                    ${
+      "npm run build -- --watch ".repeat(4)
+    }`;
+    assert.ok(wrapText(task.trimEnd(), 60).split("\n").slice(1).every((r) => /^ {8,}\S/.test(r)));
+    assert.equal(wrapText("a short line", 60), "a short line");
+    assert.equal(
+      wrapText("plain words without columns ".repeat(3).trim(), 30).split("\n")[1][0],
+      "p",
+      "no columns: no indent",
+    );
   });
 
   test("cli: the prompt shows how many tasks run; colours only on a TTY and never with NO_COLOR", () => {

@@ -1399,17 +1399,27 @@ function oneLine(text: string, max = 100): string {
   return first + cut + more;
 }
 
-/** Lines that fit `width` columns, broken between words (a longer word is cut with "…"). */
-function wrapText(text: string, width: number): string {
+/**
+ * Lines that fit `width` columns, broken between words (a longer word is cut with "…"). A
+ * line in columns (a table row, a help line) keeps them: its next rows start under its last
+ * column.
+ */
+export function wrapText(text: string, width: number): string {
   if (width < 20) return text;
   return text.split("\n").map((line) => {
+    if (line.length <= width) return line;
+    // Under the last column, or the second when the last leaves fewer than 20 columns.
+    const columnAt = (gap: number) => gap + line.slice(gap).match(/^ +/)![0].length;
+    const starts = [line.lastIndexOf("  "), line.indexOf("  ")].filter((g) => g > 0).map(columnAt);
+    const indent = " ".repeat(starts.find((at) => at + 20 <= width) ?? 0);
     const rows: string[] = [];
     let row = "";
     for (const word of line.split(" ")) {
-      const piece = word.length > width ? cutText(word, width - 1) + "…" : word;
-      if (row !== "" && row.length + 1 + piece.length > width) {
+      const room = width - indent.length;
+      const piece = word.length > room ? cutText(word, room - 1) + "…" : word;
+      if (row.trim() !== "" && row.length + 1 + piece.length > width) {
         rows.push(row);
-        row = piece;
+        row = indent + piece;
       } else row = row === "" ? piece : `${row} ${piece}`;
     }
     rows.push(row);
@@ -2104,8 +2114,9 @@ function endReport(proc: ShellProcess): string {
 }
 
 /** "1a2b3c4d  running 3.2s  npm test": one task on one line (width aligns a table). */
-function taskLine(task: BackgroundTask, width = 0): string {
-  return `${task.id}  ${stateText(task.process).padEnd(width)}  ${oneLine(task.process.command)}`;
+function taskLine(task: BackgroundTask, width = 0, commandMax = 100): string {
+  const command = oneLine(task.process.command, commandMax);
+  return `${task.id}  ${stateText(task.process).padEnd(width)}  ${command}`;
 }
 
 // ---------------------------------------------------------------------------
@@ -4545,7 +4556,8 @@ export function runSlashCommand(line: string, session: SlashContext): string {
   if (command === "/tasks") {
     const tasks = [...background.tasks.values()];
     if (tasks.length === 0) return "No background tasks.";
-    return tasks.slice(-TASK_LIST_MAX).map((t) => taskLine(t, 27)).join("\n");
+    // The whole command (to 500 characters): the terminal wraps it under its column.
+    return tasks.slice(-TASK_LIST_MAX).map((t) => taskLine(t, 27, 500)).join("\n");
   }
   if (command === "/cost") return usageLine(session.config.model, session.stats);
   if (command === "/kill") {
@@ -4581,7 +4593,7 @@ function noticeLine(session: Session): Foreground["notice"] {
 /** What a person sees of a turn: streamed text on stdout, tool lines and previews on stderr. */
 function loopEventsFor(session: Session): LoopEvents {
   const { out, err } = session;
-  const width = () => Math.min(120, (err.width || 100) - 4);
+  const width = () => (err.width || 100) - 4; // the terminal's width: nothing cut that fits
   return {
     onModelCall: () => {
       out.endLine(); // each reply starts on its own line
