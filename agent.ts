@@ -491,7 +491,7 @@ export class ShellProcess {
   /** How many processes a kill reached: the shell, its children, and what left its session. */
   processesEnded = 0;
   /** In every descendant's environment, so a kill finds what left the group (setsid). */
-  readonly mark = randomHex(8);
+  readonly mark: string = randomHex(8);
 
   private resolveDone!: () => void;
   private child: ChildProcess | null = null;
@@ -574,6 +574,7 @@ export class ShellProcess {
     return [...own].filter((p) => procStat(p) !== null);
   }
 
+  /** Sends `signal` to its group and to every process of its own that still lives. */
   private signalOwn(signal: NodeJS.Signals): void {
     const pid = this.child?.pid;
     if (pid !== undefined) signalQuietly(-pid, signal);
@@ -2689,10 +2690,12 @@ export type ToolUseBlockParam = Anthropic.ToolUseBlockParam;
 export type ToolResultBlockParam = Anthropic.ToolResultBlockParam;
 /** A tool's schema as the API takes it (the SDK's type). */
 export type ToolSchema = Anthropic.Tool;
-/** What a user message may hold: text, images and documents (the SDK's types). */
-export type UserContent = Array<
-  Anthropic.TextBlockParam | Anthropic.ImageBlockParam | Anthropic.DocumentBlockParam
->;
+/** An image block (the SDK's type). */
+export type ImageBlockParam = Anthropic.ImageBlockParam;
+/** A document block (the SDK's type). */
+export type DocumentBlockParam = Anthropic.DocumentBlockParam;
+/** What a user message may hold: text, images and documents. */
+export type UserContent = Array<TextBlockParam | ImageBlockParam | DocumentBlockParam>;
 /** Stop reasons that cut a reply off mid-block: its last tool call may be incomplete. */
 const CUT_OFF_STOPS = ["max_tokens", "model_context_window_exceeded"];
 
@@ -5132,6 +5135,7 @@ export class Transcript {
     fs.closeSync(this.fd);
   }
 
+  /** Appends the lines, one JSON object each. */
   private write(lines: TranscriptLine[]): void {
     if (lines.length === 0) return;
     fs.writeSync(this.fd, lines.map((l) => wellFormed(JSON.stringify(l))).join("\n") + "\n");
@@ -5373,7 +5377,7 @@ function roundedCost(model: string, stats: LoopStats): number {
 }
 
 /** The result message: the SDK's fields, then ours (the tasks, the largest context). */
-export function resultMessage(session: Session, end: TurnEnd, turn: TurnMeter) {
+function resultMessage(session: Session, end: TurnEnd, turn: TurnMeter) {
   const { stats } = session;
   const isError = end.subtype !== "success";
   const since = (key: keyof LoopStats) =>
