@@ -49,6 +49,8 @@ const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 const runtime = isDeno ? "deno" : "node (tsx)";
 const repoDir = path.dirname(new URL(import.meta.url).pathname);
 const workdir = fs.mkdtempSync(path.join(os.tmpdir(), "s08-bench-"));
+// The agents it starts save their transcripts here, not in the user's own state folder.
+process.env.XDG_STATE_HOME = path.join(workdir, "state");
 
 /** Wall clock in ms with sub-millisecond resolution, comparable with bash's $EPOCHREALTIME. */
 const wallMs = () => performance.timeOrigin + performance.now();
