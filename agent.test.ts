@@ -2822,6 +2822,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       continueLast: false,
       sessionId: null,
       backgroundAfterSec: null,
+      includePartialMessages: false,
     });
     assert.equal(parseArgs(["--background-after=0"]).backgroundAfterSec, 0);
     assert.throws(() => parseArgs(["--background-after=soon"]), /--background-after needs/);
@@ -2869,7 +2870,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       /needs --input-format stream-json/,
     );
     assert.throws(() => parseArgs(["--max-budget-usd=-1"]), /--max-budget-usd needs/);
-    assert.throws(() => parseArgs(["--include-partial-messages"]), /unknown option/);
+    assert.throws(() => parseArgs(["--include-hook-events"]), /unknown option/);
     assert.equal(parseArgs(["hello there"]).prompt, "hello there");
     assert.equal(parseArgs(["hello there"]).print, true);
     assert.deepEqual(parseArgs(["-p"]).prompt, null, "the prompt may come on stdin");
@@ -3593,6 +3594,23 @@ section("8–9. The offline demo and the command line", 5, () => {
         ["success", "Started."],
         ["success", "Saw: true"],
       ]);
+    } finally {
+      await api.close();
+    }
+  });
+
+  test("sdk: includePartialMessages streams the model's text as stream_event deltas", async () => {
+    const text = "Streamed in small pieces, as the API sends it.";
+    const api = await startFakeApi(() => scriptedReply(text), { textDeltaChars: 5 });
+    try {
+      const run = await sdkQuery("talk", api, { includePartialMessages: true });
+      assert.equal(run.thrown, null, String(run.thrown));
+      const deltas = run.messages.filter((m) =>
+        m.type === "stream_event" && m.event.type === "content_block_delta"
+      );
+      assert.ok(deltas.length >= 5, `${deltas.length} deltas`);
+      assert.equal(deltas.map((m) => m.event.delta.text).join(""), text);
+      assert.equal(run.results[0].result, text);
     } finally {
       await api.close();
     }

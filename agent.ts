@@ -3573,6 +3573,7 @@ Options:
   -c, --continue         resume this workspace's newest session
   -r, --resume ID        resume a saved session (--resume=ID too; the first characters do)
   --session-id UUID      a new session with this id
+  --include-partial-messages   stream-json: the model's text as it streams (stream_event)
   --verbose              accepted (the Agent SDK passes it); changes nothing
   -h, --help             this help
 Environment: ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN, ANTHROPIC_BASE_URL, MODEL_ID,
@@ -3624,6 +3625,8 @@ export interface CliOptions {
   sessionId: string | null;
   /** --background-after SEC: a foreground bash still running then moves to the background. */
   backgroundAfterSec: number | null;
+  /** --include-partial-messages: the model's text as it streams, in the stream. */
+  includePartialMessages: boolean;
 }
 
 /** The options parseArgs knows, with their types. */
@@ -3655,6 +3658,7 @@ const CLI_OPTIONS = {
   continue: { type: "boolean", short: "c" },
   "session-id": { type: "string" },
   "background-after": { type: "string" },
+  "include-partial-messages": { type: "boolean" },
 } as const;
 
 /** The command line, parsed by node:util's parseArgs (both runtimes have it). */
@@ -3732,6 +3736,7 @@ export function parseArgs(args: string[]): CliOptions {
     continueLast: values.continue ?? false,
     sessionId: values["session-id"] ?? null,
     backgroundAfterSec,
+    includePartialMessages: values["include-partial-messages"] ?? false,
   };
   if (options.permissions.askClient && !inputFormatIsStream) {
     throw new Error("--permission-prompt-tool stdio needs --input-format stream-json (a client)");
@@ -3994,7 +3999,11 @@ export async function main(args: string[]): Promise<void> {
   }
   if (prompt !== null) await runOneShot(session, prompt, options);
   if (options.inputFormat === "stream-json") {
-    const limits = { wake: options.wake, maxBudgetUsd: options.maxBudgetUsd };
+    const limits = {
+      wake: options.wake,
+      maxBudgetUsd: options.maxBudgetUsd,
+      partial: options.includePartialMessages,
+    };
     return new StreamSession(session, options.permissions, limits).start();
   }
   const playsDemo = session.model.name.startsWith("offline demo") && !options.noDemo;
@@ -4323,7 +4332,7 @@ async function runOneShot(session: Session, prompt: string, options: CliOptions)
   const turn = new TurnMeter(session.stats);
   let events: LoopEvents;
   if (format === "stream-json") {
-    const writer = new StreamWriter(session);
+    const writer = new StreamWriter(session, options.includePartialMessages);
     writer.init(options.permissions.mode);
     session.foreground = {
       ...quitOnInterrupt(session),
@@ -5453,7 +5462,8 @@ class StreamWriter {
   private runningToolUse: string | null = null;
   private toolUseOf = new Map<string, string | null>();
 
-  constructor(private session: Session) {}
+  /** `partial`: --include-partial-messages, the model's text as it streams (stream_event). */
+  constructor(private session: Session, private partial = false) {}
 
   private send(fields: Record<string, unknown>): void {
     emit({ ...fields, uuid: crypto.randomUUID(), session_id: this.session.id });
@@ -5489,6 +5499,7 @@ class StreamWriter {
     return {
       onModelCall: (messages) => {
         turn.startCall();
+        this.streamEvent({ type: "message_start" });
         const last = messages.at(-1);
         if (last?.role !== "user" || typeof last.content === "string") return;
         const harness = last.content.filter((b) =>
@@ -5499,8 +5510,13 @@ class StreamWriter {
         const message = { role: "user", content: harness };
         this.send({ type: "user", message, parent_tool_use_id: null });
       },
+      onText: (text) => {
+        const delta = { type: "text_delta", text };
+        this.streamEvent({ type: "content_block_delta", index: 0, delta });
+      },
       onReply: (reply) => {
         turn.endCall(reply);
+        this.streamEvent({ type: "message_stop" });
         const id = reply.id ?? `msg_${randomHex(12)}`;
         for (const block of reply.content) { // one message per block, as Claude Code sends
           const message = {
@@ -5523,6 +5539,11 @@ class StreamWriter {
       onToolCall: (_name, _input, id) => (this.runningToolUse = id),
       onToolResult: () => (this.runningToolUse = null),
     };
+  }
+
+  /** With --include-partial-messages: one streaming event, as the SDK's stream_event. */
+  private streamEvent(event: Record<string, unknown>): void {
+    if (this.partial) this.send({ type: "stream_event", event, parent_tool_use_id: null });
   }
 
   /** The running tasks, replace semantics. */
@@ -5714,9 +5735,9 @@ class StreamSession {
   constructor(
     private session: Session,
     private rules: PermissionRules,
-    private options: { wake: boolean; maxBudgetUsd: number | null },
+    private options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean },
   ) {
-    this.writer = new StreamWriter(session);
+    this.writer = new StreamWriter(session, options.partial);
   }
 
   start(): void {
