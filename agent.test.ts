@@ -1723,6 +1723,16 @@ section("4. The agent loop", 4, () => {
     assert.ok(fs.statSync(file).size < 6000 * 2, "the big result was written once, not per save");
   });
 
+  test("sessions: a transcript whose file fails stops with one warning; the session goes on", () => {
+    const dir = workspace();
+    const transcript = new Transcript(path.join(dir, "f.jsonl"), { id: "id-3", workspace: dir });
+    fs.closeSync((transcript as unknown as { fd: number }).fd); // as a vanished disk would
+    const bg = new BackgroundManager(dir);
+    const history: MessageParam[] = [{ role: "user", content: [{ type: "text", text: "hi" }] }];
+    assert.doesNotThrow(() => transcript.save(history, bg));
+    assert.doesNotThrow(() => transcript.close());
+  });
+
   test("loop: a reply cut off by the context window does not run its last call; the model is told", async () => {
     const { dir, bg } = fixture();
     const model = new ScriptedModel([

@@ -5065,6 +5065,7 @@ function checkedTranscript(file: string): void {
  */
 export class Transcript {
   private fd: number;
+  private failed = false; // a write failed: nothing more is written
   private savedCount = 0; // messages written so far
   private lastSaved = ""; // the last one's JSON: text may be appended to it later
   private told = new Set<string>();
@@ -5141,13 +5142,20 @@ export class Transcript {
   /** The agent exits cleanly. */
   close(): void {
     this.write([{ type: "exit", at: Date.now() }]);
-    fs.closeSync(this.fd);
+    try {
+      fs.closeSync(this.fd);
+    } catch { /* already gone: nothing more to lose */ }
   }
 
-  /** Appends the lines, one JSON object each. */
+  /** Appends the lines, one JSON object each. A failing disk stops the transcript, not the agent. */
   private write(lines: TranscriptLine[]): void {
-    if (lines.length === 0) return;
-    fs.writeSync(this.fd, lines.map((l) => wellFormed(JSON.stringify(l))).join("\n") + "\n");
+    if (lines.length === 0 || this.failed) return;
+    try {
+      fs.writeSync(this.fd, lines.map((l) => wellFormed(JSON.stringify(l))).join("\n") + "\n");
+    } catch (err) {
+      this.failed = true;
+      warnOnce("transcript", `warning: the transcript stops here: ${(err as Error).message}`);
+    }
   }
 }
 
