@@ -3487,6 +3487,39 @@ section("8–9. The offline demo and the command line", 5, () => {
     }
   });
 
+  test("scripting: a can_use_tool left unanswered when the client closes its input is refused; the agent exits", async () => {
+    const dir = workspace();
+    const api = await startFakeApi((_body, index) =>
+      index === 0
+        ? scriptedReply({ tool: "bash", input: { command: "touch asked" } })
+        : scriptedReply("Carried on.")
+    );
+    try {
+      const agent = startAgent(
+        [
+          "--input-format=stream-json",
+          "--output-format=stream-json",
+          "--permission-prompt-tool=stdio",
+        ],
+        { cwd: dir, env: api.env },
+      );
+      agent.child.stdin.write(
+        JSON.stringify({ type: "user", message: { role: "user", content: "do it" } }) + "\n",
+      );
+      await eventually(() => agent.output().includes('"subtype":"can_use_tool"'), "the question");
+      agent.child.stdin.end(); // and never answer
+      const { code, stdout } = await agent.exited;
+      assert.equal(code, 0, agent.output());
+      assert.equal(fs.existsSync(path.join(dir, "asked")), false);
+      const result = validStream(stdout).filter((e) => e.type === "result").at(-1);
+      assert.deepEqual(result.permission_denials.map((d: { tool_name: string }) => d.tool_name), [
+        "bash",
+      ]);
+    } finally {
+      await api.close();
+    }
+  });
+
   test("scripting: background_tasks (the SDK's backgroundTasks()) moves a running bash; its end is told once", async () => {
     const dir = workspace();
     const api = await startFakeApi((body, index) =>

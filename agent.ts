@@ -5766,6 +5766,10 @@ class StreamSession {
     rl.on("line", (line) => this.onLine(line));
     rl.on("close", () => {
       this.inputClosed = true;
+      // No answer can come any more: a tool that waits for one is refused, not waited on.
+      const closed = { subtype: "error", error: "the client closed its input before answering" };
+      for (const answer of this.pendingAnswers.values()) answer(closed);
+      this.pendingAnswers.clear();
       void this.process();
     });
   }
