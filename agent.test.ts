@@ -2211,7 +2211,11 @@ section("5. Processes and output", 4, () => {
     // A live agent's run (this process) is never touched.
     state.writeOwner(false);
     const own = new ShellProcess("sleep 300", { cwd: tmp });
-    assert.deepEqual(state.reapOrphans(), { runs: 2, processes: 2 });
+    // Its bash and its sleep, at least: a shell may be caught mid-fork by the scan. That
+    // nothing else is signalled is pinned below (the bystander and the live run's task).
+    const reaped = state.reapOrphans();
+    assert.equal(reaped.runs, 2);
+    assert.ok(reaped.processes >= 2, `${reaped.processes} processes`);
     await eventually(() => members(orphan.pid!, "session").length === 0, "the orphan to end", 3);
     assert.ok(isAlive(bystander.pid!), "a process without the run's mark is left alone");
     assert.ok(isAlive(own.pid!), "a live agent's task is left alone");
