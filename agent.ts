@@ -822,6 +822,7 @@ export class StateFolder {
   /** Ends what dead agents of this user left running; removes their folders. Returns counts. */
   reapOrphans(): { runs: number; processes: number } {
     const found = { runs: 0, processes: 0 };
+    const swept = new Set<string>(); // one sweep per run id: a dying process is counted once
     // Without /proc (Deno without -A) a live agent looks dead: leave every run alone.
     if (procStat(process.pid) === null) return found;
     for (const name of fs.readdirSync(this.root)) {
@@ -830,7 +831,8 @@ export class StateFolder {
       const record = readOwnerRecord(path.join(runDir, "owner.json"));
       if (record === null || agentAlive(record.agent)) continue;
       found.runs++;
-      found.processes += endMarkedProcesses(record.runId);
+      if (!swept.has(record.runId)) found.processes += endMarkedProcesses(record.runId);
+      swept.add(record.runId);
       if (record.keepLogs) fs.rmSync(path.join(runDir, "owner.json"), { force: true });
       else fs.rmSync(runDir, { recursive: true, force: true }); // the name came from readdir
     }
