@@ -31,15 +31,13 @@ import process from "node:process";
 //   ShellProcess                 a command in its own process group, output kept (5)
 //   LogFolder                    where each task's whole output goes, capped (6)
 //   endReport                    a finished task in one line: state, exit code, output (7)
-//   Retention                    only the newest finished tasks keep output and log (7)
-//   oneLine                      a command shown on one line, cut to fit (6)
+//   Retention, oneLine           only the newest finished tasks keep output; one line of text
 //   WatchOptions, watchOptionsFrom   background_run's ready / quiet_after / timeout, checked (7)
 //   checkTasks, taskList, killTask   what check_background and kill_background do (7)
 //   floodSafe                    one results block stays bounded: the rest is summed up (7)
 //   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
-//   callModel, LoopOptions       messages in, reply out (cached, retried); a turn's needs (9)
+//   callModel, LoopOptions, CUT_OFF_STOPS   messages in, reply out; a turn's needs; cut-offs (9)
 //   MessageParam, ModelReply, ToolCall, ToolResultBlockParam, UserContent   message types (9)
-//   CUT_OFF_STOPS                the stop reasons that may cut a tool call off (9)
 //   InterruptedError, INTERRUPTED_NOTE, untilAborted   Ctrl-C ends a turn or a wait (9)
 // ===========================================================================
 
@@ -86,8 +84,7 @@ export interface BackgroundTask {
   /** Resolves once it has ended and its notification is queued. */ readonly ended: Promise<void>;
 }
 
-/** What the model should hear about a task: it ended, became ready, went quiet, asks, or printed
- * a line its `watch` pattern matches. */
+/** What the model hears of a task: it ended, got ready, went quiet, asks, or matched `watch`. */
 export interface Notification {
   /** The task it is about. */ taskId: string;
   /** What happened. */ kind: "ended" | "ready" | "quiet" | "input" | "watch";
@@ -121,39 +118,21 @@ export class BackgroundManager {
   constructor(readonly workdir: string, readonly options: ManagerOptions = {}) {}
 
   /**
-   * Starts the command and returns its task id at once; the process runs on. What the
-   * tutorial's _execute thread did, ShellProcess does: the command runs with a timeout (then
-   * it and all it started are killed), its output is kept with a cap (head and tail in memory,
-   * the whole in a capped log), and its end resolves `done`, which queues one notification.
+   * Starts the command and returns its task id at once; the process runs on. ShellProcess does
+   * what the tutorial's _execute thread did: a timeout, output kept with a cap, and an end
+   * (`done`) that queues one notification. Where we go further: a `bash` command still running
+   * after 15 s (or on Ctrl+B) is handed over as its ShellProcess and goes on as a task.
    */
-  run(command: string, watch: WatchOptions = {}): string {
-    const id = this.newId();
-    const log = this.options.logs?.open(id);
-    const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
-    return this.track(id, new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent }));
-  }
-
-  /**
-   * Takes over a foreground command that is still running (bash's hand-off): the same process,
-   * what it printed so far kept, and from now on a task like any other. Returns its id.
-   */
-  adopt(shell: ShellProcess): string {
-    const id = this.newId();
-    shell.keepLog(this.options.logs?.open(id));
-    return this.track(id, shell);
-  }
-
-  /** A fresh id, once there is room for one more running task. */
-  private newId(): string {
+  run(command: string | ShellProcess, watch: WatchOptions = {}): string {
     const limit = this.options.maxRunning ?? MAX_RUNNING_TASKS;
     if (this.runningCount() >= limit) throw new Error(`${limit} tasks run already: wait or kill`);
     let id = crypto.randomUUID().slice(0, 8); // 8 random lowercase hex characters
     while (this.tasks.has(id)) id = crypto.randomUUID().slice(0, 8);
-    return id;
-  }
-
-  /** From now on the process is task `id`: its end will be the one "ended" notification. */
-  private track(id: string, shell: ShellProcess): string {
+    const log = this.options.logs?.open(id);
+    const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
+    const shell = typeof command === "string"
+      ? new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent })
+      : command.keepLog(log); // what it printed so far goes into the log first
     const task = { id, process: shell, ended: shell.done.then(() => this.finish(id)) };
     this.tasks.set(id, task);
     this.options.onStart?.(task);
@@ -201,9 +180,7 @@ export class BackgroundManager {
 // 3. The background tools
 // A tool is a JSON schema the model sees plus a handler the harness runs (bash and the file
 // tools are the earlier steps', section 8). Where the tutorial differs: check_background also
-// waits, and kill_background exists: a model that starts work must be able to stop it. And
-// the lesson's idea reaches bash too: a command still running after 15 s (or when the user
-// presses Ctrl+B) is handed to the manager with adopt(), so slow work is never lost to a timeout.
+// waits, and kill_background exists: a model that starts work must be able to stop it.
 // ---------------------------------------------------------------------------
 
 /** background_run, check_background and kill_background, as the model sees them. */
@@ -229,8 +206,7 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
         },
         watch: {
           type: "string",
-          description: "A regular expression (RE2); every matching output line is reported " +
-            "as it happens (FAIL lines of a test run, ERROR lines of a server), a burst summed up.",
+          description: "A regular expression (RE2); every matching line is reported (FAIL lines).",
         },
       },
       required: ["command"],
@@ -302,7 +278,6 @@ export async function agentLoop(
 ): Promise<string> {
   let finalText = "";
   let somethingNew = userText !== null && appendUserText(history, userText); // null: woken
-
   try {
     while (true) {
       // 1. Drain the queue: what happened in the background goes in before the call.
@@ -356,10 +331,8 @@ export function appendUserText(history: MessageParam[], text: string | UserConte
   if (kept.length === 0) return false;
   if (history.at(-1)?.role !== "user") history.push({ role: "user", content: [] });
   const last = history.at(-1)!;
-  const content: Anthropic.ContentBlockParam[] = typeof last.content === "string"
-    ? [{ type: "text", text: last.content }]
-    : last.content;
-  last.content = [...content, ...kept];
+  if (typeof last.content === "string") last.content = [{ type: "text", text: last.content }];
+  last.content = [...last.content, ...kept];
   return true;
 }
 
@@ -537,11 +510,12 @@ export class ShellProcess {
   }
 
   /** From now on its output goes to `log` too, after what it printed so far (as kept). */
-  keepLog(log: TaskLog | null | undefined): void {
-    if (!log || this.log) return;
+  keepLog(log: TaskLog | null | undefined): this {
+    if (!log || this.log) return this;
     const soFar = this.output?.text() ?? "";
     if (soFar !== "") log.write(Buffer.from(soFar));
     this.log = log;
+    return this;
   }
 
   /** The shell's pid (also its process group and session id). */
@@ -2222,7 +2196,7 @@ const BASE_TOOLS: ToolDefinition[] = [
       context.signal?.removeEventListener("abort", interrupt); // a task now: Ctrl-C spares it
       if (handedOff === null) return bashResult(proc, timeoutSec);
       if (input.timeout === undefined) proc.limitTo(DEFAULT_BACKGROUND_TIMEOUT_SEC);
-      const id = context.background.adopt(proc);
+      const id = context.background.run(proc); // the same process, now a task
       const output = preview(cleanOutput(proc.output?.text() ?? "")) || "(none yet)";
       return `${handedOff}: moved to the background as task ${id}. Output so far: ${output}. ` +
         "You will be told when it ends.";
