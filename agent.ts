@@ -3507,7 +3507,7 @@ function unquote(text: string): string {
 // 11. The command line
 // Adds: the options (those the Claude Agent SDK passes among them), the configuration and the
 // .env policy, Deno's permissions asked up front, and main(), which picks the front-end: a
-// one-shot run, the stream protocol (section 15) or the REPL (13). One rule for streams: the
+// one-shot run, the stream session (section 17) or the REPL (13). One rule for streams: the
 // answer (and JSON) on stdout, everything else on stderr.
 // ---------------------------------------------------------------------------
 
@@ -5316,13 +5316,12 @@ function resumeInto(session: Session, file: string): LoadedSession {
 }
 
 // ---------------------------------------------------------------------------
-// 15. The stream protocol
-// Adds: what the Claude Agent SDK's query() expects of the executable it spawns (stream-json
-// both ways): its messages (system/init, assistant, user, one result per turn), background
-// tasks as its task events, every control request answered (initialize, interrupt, stop_task,
-// get_task_output, set_model, set_permission_mode, background_tasks) and can_use_tool asked of
-// the client. Where Claude Code says less, extra fields say more: a task's exit code, state
-// and output preview at its end. `-p --output-format stream-json` writes the same messages.
+// 15. The stream's messages
+// Adds: what the Claude Agent SDK's query() reads from the executable it spawns: its messages
+// (system/init, assistant, user, stream_event, one result per turn) and the background tasks
+// as its task events. Where Claude Code says less, extra fields say more: a task's exit code,
+// state and output preview at its end. `-p --output-format stream-json` and the stream session
+// (section 17) write them through one StreamWriter.
 // ---------------------------------------------------------------------------
 
 /** Writes one JSON object per line on stdout, as it happens. */
@@ -5613,6 +5612,13 @@ class StreamWriter {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 16. Permissions
+// Adds: what --allowedTools, --disallowedTools, --permission-mode and the SDK's canUseTool
+// (--permission-prompt-tool stdio) let a tool call do: run, be refused with a reason, or be
+// put to the client. With none of them given, every tool runs, as it always has.
+// ---------------------------------------------------------------------------
+
 /** What the permission flags allow: tools, a mode, and whether to ask the client. */
 export interface PermissionRules {
   /** --allowedTools: these run without asking. */
@@ -5697,6 +5703,13 @@ async function decide(
   meter?.denials.push({ tool_name: call.name, tool_use_id: call.id, tool_input: call.input });
   return { deny: `permission denied: ${outcome.deny}` };
 }
+
+// ---------------------------------------------------------------------------
+// 17. The stream session
+// Adds: --input-format stream-json, the session a program drives: user messages and control
+// requests on stdin, one turn at a time, each ended by its result; an idle session woken by
+// its tasks; the controls answered; can_use_tool asked; end of input and signals handled.
+// ---------------------------------------------------------------------------
 
 /** One queued piece of work for the stream session: a user message, or a wake-up. */
 type StreamItem = { content: UserContent } | { wake: true } | { refused: string };
