@@ -513,6 +513,23 @@ function lastBlockOf(messages: Anthropic.MessageParam[]): string {
   return JSON.stringify(typeof content === "string" ? content : content.at(-1));
 }
 
+/**
+ * The model of the session tests, by the newest block: "think forever" stalls, "start it"
+ * starts a task that sleeps; anything else goes to `rest`.
+ */
+function sessionScript(
+  rest: (last: string, body: { messages: Anthropic.MessageParam[] }) => FakeAnswer,
+) {
+  return (body: { messages: Anthropic.MessageParam[] }): FakeAnswer => {
+    const last = lastBlockOf(body.messages);
+    if (last.includes("think forever")) return { stall: true };
+    if (last.includes("start it")) {
+      return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
+    }
+    return rest(last, body);
+  };
+}
+
 /** A model that starts one background task, then says "Started." to everything. */
 function startOneTaskApi(command: string): Promise<FakeApi> {
   return startFakeApi((_body, index) =>
@@ -3357,16 +3374,11 @@ section("8–9. The offline demo and the command line", 5, () => {
 
   test("scripting: --input-format stream-json: a result per turn, stop_task, interrupt, bad lines, EOF", async () => {
     const dir = workspace();
-    const api = await startFakeApi((body) => {
-      const last = lastBlockOf(body.messages);
-      if (last.includes("think forever")) return { stall: true };
-      if (last.includes("start it")) {
-        return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
-      }
+    const api = await startFakeApi(sessionScript((last, body) => {
       if (last.includes("tool_result")) return scriptedReply("Started.");
       const all = JSON.stringify(body.messages.at(-1)!.content);
       return scriptedReply(`Heard: ${all.includes("killed") ? "killed" : "other"}`);
-    });
+    }));
     try {
       const agent = startAgent(
         ["--input-format", "stream-json", "--output-format", "stream-json", "--verbose"],
@@ -3665,18 +3677,13 @@ section("8–9. The offline demo and the command line", 5, () => {
 
   test("sdk: a multi-turn query: stopTask, setModel, interrupt, a canUseTool that denies", async () => {
     const dir = workspace();
-    const api = await startFakeApi((body) => {
-      const last = lastBlockOf(body.messages);
-      if (last.includes("think forever")) return { stall: true };
-      if (last.includes("start it")) {
-        return scriptedReply({ tool: "background_run", input: { command: "sleep 300" } });
-      }
+    const api = await startFakeApi(sessionScript((last, body) => {
       if (last.includes("touch it")) {
         return scriptedReply({ tool: "bash", input: { command: "touch touched" } });
       }
       if (last.includes("tool_result")) return scriptedReply(`After tools: ${last.slice(0, 300)}`);
       return scriptedReply(`Heard ${(body as unknown as { model: string }).model}`);
-    });
+    }));
     const results: Array<SdkMessage> = [];
     const resultCame: Array<() => void> = [];
     const nextResult = () => new Promise<void>((resolve) => resultCame.push(resolve));
