@@ -543,9 +543,11 @@ export class ShellProcess {
   private ownProcesses(): number[] {
     const pid = this.child?.pid;
     if (pid === undefined) return [];
-    const own = new Set([pid, ...markedProcesses(`${TASK_MARK}=${this.mark}`)]);
-    for (const member of sessionMembers(pid)) own.add(member);
-    return [...own].filter((p) => procStat(p) !== null);
+    const mark = `${TASK_MARK}=${this.mark}`;
+    return allPids().filter((p) => { // one pass over /proc
+      const stat = procStat(p); // null: gone, or a zombie
+      return stat !== null && (p === pid || stat.session === pid || carriesMark(p, mark));
+    });
   }
 
   /** Sends `signal` to its group and to every process of its own that still lives. */
@@ -735,17 +737,18 @@ const TASK_MARK = "S08_TASK_MARK";
 
 /** This user's processes (never this one) whose environment holds `entry` ("NAME=value"). */
 function markedProcesses(entry: string): number[] {
-  const uid = currentUid();
-  const marker = `\0${entry}\0`;
-  return allPids().filter((pid) => {
-    if (pid === process.pid) return false;
-    try {
-      if (fs.statSync(`/proc/${pid}`).uid !== uid) return false;
-      return ("\0" + fs.readFileSync(`/proc/${pid}/environ`, "latin1")).includes(marker);
-    } catch {
-      return false; // gone, or not readable
-    }
-  });
+  return allPids().filter((pid) => carriesMark(pid, entry));
+}
+
+/** Whether `pid` is another of this user's processes with `entry` in its environment. */
+function carriesMark(pid: number, entry: string): boolean {
+  if (pid === process.pid) return false;
+  try {
+    if (fs.statSync(`/proc/${pid}`).uid !== currentUid()) return false;
+    return ("\0" + fs.readFileSync(`/proc/${pid}/environ`, "latin1")).includes(`\0${entry}\0`);
+  } catch {
+    return false; // gone, or not readable
+  }
 }
 
 /**
@@ -4804,9 +4807,11 @@ class Repl {
       if (query === "exit" || query === "q") return void exitCleanly(this.session, 0, "exit");
       if (/^\/resume\b/.test(query)) this.out.line(this.resume(query.split(/\s+/)[1]));
       else if (query.startsWith("/")) this.out.line(runSlashCommand(query, this.session));
-      else if (query !== "" && tooLargeToSend(this.session, query) !== null) {
-        this.err.line(`error: ${tooLargeToSend(this.session, query)}`, "red");
-      } else if (query !== "") await this.runTurn(query);
+      else if (query !== "") {
+        const tooLarge = tooLargeToSend(this.session, query); // refused, and not kept
+        if (tooLarge !== null) this.err.line(`error: ${tooLarge}`, "red");
+        else await this.runTurn(query);
+      }
     }
     this.busy = false;
     if (this.inputClosed) return void this.finishInput();
