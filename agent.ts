@@ -28,17 +28,11 @@ import process from "node:process";
 
 // ===========================================================================
 // PART I: THE LESSON. It borrows these from Part II, each a piece of machinery it trusts:
-//   ShellProcess                 a command in its own process group, output kept (5)
-//   LogFolder                    where each task's whole output goes, capped (6)
-//   endReport                    a finished task in one line: state, exit code, output (7)
-//   Retention, oneLine           only the newest finished tasks keep output; one line of text
-//   WatchOptions, watchOptionsFrom   background_run's ready / quiet_after / timeout, checked (7)
-//   checkTasks, taskList, killTask   what check_background and kill_background do (7)
-//   floodSafe                    one results block stays bounded: the rest is summed up (7)
-//   ToolDefinition, runTool      a tool's schema and handler; one call run safely (8)
-//   callModel, LoopOptions, CUT_OFF_STOPS   messages in, reply out; a turn's needs; cut-offs (9)
-//   MessageParam, ModelReply, ToolCall, ToolResultBlockParam, UserContent   message types (9)
-//   InterruptedError, INTERRUPTED_NOTE, untilAborted   Ctrl-C ends a turn or a wait (9)
+//   ShellProcess (5): a command in its own process group, output kept; LogFolder (6): each
+//   task's whole output, capped; endReport, Retention, oneLine, WatchOptions, watchOptionsFrom,
+//   checkTasks, taskList, killTask, floodSafe (7): what the background tools report and do;
+//   ToolDefinition, runTool (8): a tool and one call of it, run safely; callModel, LoopOptions,
+//   CUT_OFF_STOPS, the message types, InterruptedError, INTERRUPTED_NOTE, untilAborted (9).
 // ===========================================================================
 
 // ---------------------------------------------------------------------------
@@ -195,19 +189,12 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
       properties: {
         command: { type: "string", description: "The shell command." },
         timeout: { type: "integer", description: "Seconds before it is killed (default 300)." },
-        ready: {
-          type: "string",
-          description: "A regular expression (RE2: no lookaround, no backreferences); the " +
-            "first matching output line notifies you (a server's 'listening' line).",
-        },
+        ready: { type: "string", description: "RE2 regex: the first matching line notifies you." },
         quiet_after: {
           type: "integer",
           description: "Seconds of silence before you are told (default 60; 0: never).",
         },
-        watch: {
-          type: "string",
-          description: "A regular expression (RE2); every matching line is reported (FAIL lines).",
-        },
+        watch: { type: "string", description: "RE2 regex: every matching line is reported." },
       },
       required: ["command"],
     },
@@ -226,11 +213,7 @@ export const BACKGROUND_TOOLS: ToolDefinition[] = [
       type: "object",
       properties: {
         task_id: { type: "string", description: "One task id from background_run." },
-        task_ids: {
-          type: "array",
-          items: { type: "string" },
-          description: "Several task ids, to wait for together.",
-        },
+        task_ids: { type: "array", items: { type: "string" }, description: "Ids to wait for." },
         until: { type: "string", enum: ["any", "all"], description: "Default: all." },
         wait: { type: "number", description: "Seconds to wait for the end (default 0)." },
         tail: { type: "integer", description: "Show the last N lines of the kept output." },
