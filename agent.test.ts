@@ -611,6 +611,21 @@ function startAgent(
   return { child, exited, output: () => stdout + stderr };
 }
 
+/**
+ * An agent speaking stream-json both ways, as the Agent SDK drives it: `send` writes one line
+ * (an object as JSON, a string as it is), `say` one user message.
+ */
+function startStreamAgent(cwd: string, env: Record<string, string>, more: string[] = []) {
+  const agent = startAgent(
+    ["--input-format=stream-json", "--output-format=stream-json", ...more],
+    { cwd, env },
+  );
+  const send = (line: unknown) =>
+    agent.child.stdin.write((typeof line === "string" ? line : JSON.stringify(line)) + "\n");
+  const say = (content: unknown) => send({ type: "user", message: { role: "user", content } });
+  return { ...agent, send, say };
+}
+
 /** The agent's command line as a shell word list, for pipelines and terminals. */
 function agentCommand(args: string[]): string {
   const quote = (word: string) => `'${word.replace(/'/g, "'\\''")}'`;
@@ -3463,24 +3478,14 @@ section("8–9. The offline demo and the command line", 5, () => {
         : scriptedReply(`Seen ${JSON.stringify(body.messages).includes('"type":"image"')}`)
     );
     try {
-      const agent = startAgent(["--input-format=stream-json", "--output-format=stream-json"], {
-        cwd: dir,
-        env: api.env,
-      });
-      const send = (line: unknown) => agent.child.stdin.write(JSON.stringify(line) + "\n");
+      const agent = startStreamAgent(dir, api.env);
       const initialize = { subtype: "initialize", appendSystemPrompt: "MARKER-42" };
-      send({ type: "control_request", request_id: "i0", request: initialize });
-      send({ type: "user", message: { role: "user", content: "start it" } });
+      agent.send({ type: "control_request", request_id: "i0", request: initialize });
+      agent.say("start it");
       await eventually(() => agent.output().split('"type":"result"').length === 2, "one turn");
       const image = { type: "base64", media_type: "image/png", data: "iVBORw0KGgo=" };
-      send({
-        type: "user",
-        message: {
-          role: "user",
-          content: [{ type: "text", text: "what is this?" }, { type: "image", source: image }],
-        },
-      });
-      send({ type: "user", message: { role: "user", content: [{ type: "audio", data: "x" }] } });
+      agent.say([{ type: "text", text: "what is this?" }, { type: "image", source: image }]);
+      agent.say([{ type: "audio", data: "x" }]);
       await eventually(() => agent.output().split('"type":"result"').length === 4, "two more");
       agent.child.kill("SIGTERM");
       const { code, signal, stdout } = await agent.exited;
@@ -3511,17 +3516,8 @@ section("8–9. The offline demo and the command line", 5, () => {
         : scriptedReply("Carried on.")
     );
     try {
-      const agent = startAgent(
-        [
-          "--input-format=stream-json",
-          "--output-format=stream-json",
-          "--permission-prompt-tool=stdio",
-        ],
-        { cwd: dir, env: api.env },
-      );
-      agent.child.stdin.write(
-        JSON.stringify({ type: "user", message: { role: "user", content: "do it" } }) + "\n",
-      );
+      const agent = startStreamAgent(dir, api.env, ["--permission-prompt-tool=stdio"]);
+      agent.say("do it");
       await eventually(() => agent.output().includes('"subtype":"can_use_tool"'), "the question");
       agent.child.stdin.end(); // and never answer
       const { code, stdout } = await agent.exited;
@@ -3542,22 +3538,21 @@ section("8–9. The offline demo and the command line", 5, () => {
       index === 0
         ? scriptedReply({
           tool: "bash",
-          input: { command: "echo started; while [ ! -f go ]; do sleep 0.02; done; echo finished" },
+          input: {
+            command:
+              "echo started; touch running; while [ ! -f go ]; do sleep 0.02; done; echo finished",
+          },
         })
         : scriptedReply(`Reply ${index}: ${JSON.stringify(body.messages.at(-1)).slice(0, 300)}`)
     );
     try {
-      const agent = startAgent(
-        ["--input-format=stream-json", "--output-format=stream-json", "--background-after=0"],
-        { cwd: dir, env: api.env },
-      );
-      const send = (line: unknown) => agent.child.stdin.write(JSON.stringify(line) + "\n");
+      const agent = startStreamAgent(dir, api.env, ["--background-after=0"]);
       const background = { subtype: "background_tasks" };
-      send({ type: "control_request", request_id: "b0", request: background });
-      send({ type: "user", message: { role: "user", content: "build it" } });
-      await eventually(() => agent.output().includes('"name":"bash"'), "the bash call");
-      await new Promise((resolve) => setTimeout(resolve, 200)); // it runs, in the foreground
-      send({ type: "control_request", request_id: "b1", request: background });
+      agent.send({ type: "control_request", request_id: "b0", request: background });
+      agent.say("build it");
+      // It runs in the foreground, and has printed its first line.
+      await eventually(() => fs.existsSync(path.join(dir, "running")), "the bash call running");
+      agent.send({ type: "control_request", request_id: "b1", request: background });
       await eventually(() => agent.output().includes('"request_id":"b1"'), "the answer");
       await eventually(() => agent.output().includes('"type":"result"'), "the turn's end");
       fs.writeFileSync(path.join(dir, "go"), "");
@@ -3934,16 +3929,9 @@ section("8–9. The offline demo and the command line", 5, () => {
       scriptedReply(`Got ${JSON.stringify(body.messages).length} chars`)
     );
     try {
-      const agent = startAgent(["--input-format=stream-json", "--output-format=stream-json"], {
-        cwd: dir,
-        env: { ...api.env, S08_CONTEXT_WINDOW: "2000" },
-      });
-      const send = (text: string) =>
-        agent.child.stdin.write(
-          JSON.stringify({ type: "user", message: { role: "user", content: text } }) + "\n",
-        );
-      send("x".repeat(20_000));
-      send("small");
+      const agent = startStreamAgent(dir, { ...api.env, S08_CONTEXT_WINDOW: "2000" });
+      agent.say("x".repeat(20_000));
+      agent.say("small");
       await eventually(() => agent.output().split('"type":"result"').length === 3, "two results");
       agent.child.stdin.end();
       const { stdout } = await agent.exited;
