@@ -3550,8 +3550,9 @@ section("8–9. The offline demo and the command line", 5, () => {
       const background = { subtype: "background_tasks" };
       agent.send({ type: "control_request", request_id: "b0", request: background });
       agent.say("build it");
-      // It runs in the foreground, and has printed its first line.
       await eventually(() => fs.existsSync(path.join(dir, "running")), "the bash call running");
+      // Its first line is printed; nothing outside the agent shows when the agent has read it.
+      await new Promise((resolve) => setTimeout(resolve, 200));
       agent.send({ type: "control_request", request_id: "b1", request: background });
       await eventually(() => agent.output().includes('"request_id":"b1"'), "the answer");
       await eventually(() => agent.output().includes('"type":"result"'), "the turn's end");
