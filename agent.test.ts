@@ -2142,7 +2142,8 @@ section("5. Processes and output", 4, () => {
     const head = text.slice(0, marker.index);
     const tail = text.slice(marker.index! + marker[0].length);
     assert.equal(head, all.slice(0, 4000));
-    assert.ok(all.endsWith(tail) && tail.length >= 8000 / 16, "the tail is the newest output");
+    assert.ok(all.endsWith(tail), "the tail is the newest output");
+    assert.equal(tail.length, Math.floor(8000 / 64), "the tail is a sixty-fourth of the cap");
     assert.equal(
       head.length + Number(marker[1]) + tail.length,
       all.length,

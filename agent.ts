@@ -108,8 +108,14 @@ export class BackgroundManager {
   private wakeUps: Array<() => void> = [];
   private retention = new Retention();
 
+  /** Where the tasks run. */ readonly workdir: string;
+  /** The limits, the logs and the callbacks. */ readonly options: ManagerOptions;
+
   /** Tasks run in `workdir`; options hold the limits, the logs and the callbacks. */
-  constructor(readonly workdir: string, readonly options: ManagerOptions = {}) {}
+  constructor(workdir: string, options: ManagerOptions = {}) {
+    this.workdir = workdir;
+    this.options = options;
+  }
 
   /**
    * Starts the command and returns its task id at once; the process runs on. ShellProcess does
@@ -362,6 +368,8 @@ import { Writable } from "node:stream";
 import { clearInterval, clearTimeout, setInterval, setTimeout } from "node:timers";
 import { setTimeout as sleep } from "node:timers/promises";
 import * as util from "node:util";
+import * as v8 from "node:v8";
+import * as vm from "node:vm";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { RE2JS } from "re2js";
 
@@ -457,8 +465,12 @@ export class ShellProcess {
   private timeoutTimer: ReturnType<typeof setTimeout> | null = null;
   private watchers: OutputWatchers | null;
 
+  /** The command line, as bash -c runs it. */
+  readonly command: string;
+
   /** Starts `command` through bash at once. */
-  constructor(readonly command: string, options: ShellOptions) {
+  constructor(command: string, options: ShellOptions) {
+    this.command = command;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     this.log = options.log ?? null;
     this.readyPattern = options.ready ?? null;
@@ -574,7 +586,7 @@ export class ShellProcess {
     this.output?.push(chunk);
     this.log?.write(chunk);
     this.watchers?.outputArrived(chunk);
-    if (isDeno) letDenoCollect(chunk.length);
+    collectPipeReads(chunk.length);
   }
 
   /** The shell exited; its pipes may still be held. */
@@ -885,7 +897,8 @@ function writeNewFile(file: string, text: string): void {
 //
 // Every cap on output, in one place (each constant sits beside the code it bounds):
 //   OUTPUT_HEAD_BYTES + OUTPUT_TAIL_BYTES  25 KB + 25 KB  a task's output kept in memory (6)
-//   LOG_CAP_BYTES                          16 MB          one task's log: head, marker, tail (6)
+//   LOG_CAP_BYTES                          16 MB          one task's log: 8 MB head, marker, tail (6)
+//   LOG_CAP_BYTES / LOG_TAIL_SHARE         256 KB         a full log's newest output, in memory (6)
 //   LOG_FOLDER_CAP_BYTES                   256 MB         all logs of a run; oldest go first (6)
 //   RESULTS_MAX_ENTRIES, RESULTS_MAX_CHARS 20, 8 KB       one <background-results> block (7)
 //   WATCH_LINES_PER_SEC, _PER_BLOCK        10, 10         watch lines of one task (7)
@@ -910,8 +923,10 @@ export class OutputBuffer {
   /** Every byte printed. */
   totalBytes = 0;
 
+  private headLimit: number;
   /** Keeps `headLimit` bytes of the start and `tailLimit` of the end. */
-  constructor(private headLimit = OUTPUT_HEAD_BYTES, tailLimit = OUTPUT_TAIL_BYTES) {
+  constructor(headLimit = OUTPUT_HEAD_BYTES, tailLimit = OUTPUT_TAIL_BYTES) {
+    this.headLimit = headLimit;
     this.tail = new RollingTail(tailLimit);
   }
 
@@ -986,19 +1001,39 @@ export class OutputBuffer {
   }
 }
 
-let bytesSinceCollectorSawAny = 0;
+/** Pipe bytes read between two collections asked for (Node's are cheap, Deno's are not). */
+const COLLECT_EVERY_BYTES = (isDeno ? 16 : 2) * 1024 * 1024;
+let bytesSinceCollection = 0;
+let minorCollection: (() => void) | null | undefined; // undefined: not looked up yet
 
 /**
- * Under Deno, a fast task's pipe reads pile up as garbage its collector does not get round to
- * (RSS past 1 GB after a minute of 16 x `yes`; the bare runtime does the same), as long as
- * nothing else allocates. A 1 MB allocation it does see, every 64 MB read, makes it collect:
- * RSS stays flat (BENCH.md, figure 8). Node collects its pipe buffers without help.
+ * Every pipe read is a fresh buffer, garbage as soon as onOutput returns; but a collector
+ * counts only the few bytes of its handle, so under a flood (16 x `yes`) the dead reads pile
+ * up: on Node, 60-90 MB before the external-memory limit starts a full collection; on Deno,
+ * past 1 GB (the bare runtimes do the same). So, every few MB read, a collection is asked for.
+ * Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
+ * always a full one (6 ms), so it gets a 1 MB allocation it does see, which makes it collect.
+ * RSS stays flat and near the bare runtime's (BENCH.md, figure 8).
  */
-function letDenoCollect(bytes: number): void {
-  bytesSinceCollectorSawAny += bytes;
-  if (bytesSinceCollectorSawAny < 64 * 1024 * 1024) return;
-  bytesSinceCollectorSawAny = 0;
-  new Uint8Array(1024 * 1024);
+function collectPipeReads(bytes: number): void {
+  bytesSinceCollection += bytes;
+  if (bytesSinceCollection < COLLECT_EVERY_BYTES) return;
+  bytesSinceCollection = 0;
+  if (isDeno) return void new Uint8Array(1024 * 1024);
+  minorCollection ??= findMinorCollection();
+  minorCollection?.();
+}
+
+/** Node's gc(), made visible once in a context of its own (the global one stays as it was). */
+function findMinorCollection(): (() => void) | null {
+  try {
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as unknown;
+    if (typeof gc !== "function") return null;
+    return () => gc({ type: "minor", execution: "sync" });
+  } catch {
+    return null; // a runtime without it: the reads wait for the ordinary collections
+  }
 }
 
 /**
@@ -1012,7 +1047,10 @@ class RollingTail {
   private end = 0; // where the next byte goes
   private bytes = 0; // all bytes pushed
 
-  constructor(readonly limit: number) {}
+  readonly limit: number;
+  constructor(limit: number) {
+    this.limit = limit;
+  }
 
   push(chunk: Buffer): void {
     this.bytes += chunk.length;
@@ -1076,11 +1114,13 @@ const LOG_FLUSH_MS = 1000;
 const LOG_WRITE_BYTES = 64 * 1024;
 /** The most all logs of one run hold together; past it, the oldest finished logs go. */
 const LOG_FOLDER_CAP_BYTES = 256 * 1024 * 1024;
+/** A full log keeps this share of its cap as its newest output: 16 floods hold 4 MB, not 16. */
+const LOG_TAIL_SHARE = 64;
 
 /**
  * A task's whole output on disk, capped, opened on its first output. Past the cap the file
  * reads: the first half of the cap, one marker line saying how much was dropped, then the
- * newest output (a sixteenth of the cap). That tail lives in memory; like output below the
+ * newest output (a sixty-fourth of the cap). That tail lives in memory; like output below the
  * cap that waits for its 64 KB, it is written within a second and at the end.
  */
 export class TaskLog {
@@ -1098,12 +1138,22 @@ export class TaskLog {
   /** Below the cap: bytes not written yet, copied (a line at a time would be a write each). */
   private pending: Buffer | null = null;
   private pendingBytes = 0;
-  /** Past the cap: the newest output (a sixteenth of the cap), in memory until written out. */
+  /** Past the cap: the newest output (cap / LOG_TAIL_SHARE), in memory until written out. */
   private tail: RollingTail | null = null;
   private flushTimer: ReturnType<typeof setTimeout> | null = null;
 
+  /** Where the log is. */
+  readonly file: string;
+  /** The most the file holds. */
+  readonly cap: number;
+  private folder?: LogFolder;
+
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
-  constructor(readonly file: string, readonly cap = LOG_CAP_BYTES, private folder?: LogFolder) {}
+  constructor(file: string, cap = LOG_CAP_BYTES, folder?: LogFolder) {
+    this.file = file;
+    this.cap = cap;
+    this.folder = folder;
+  }
 
   /**
    * Appends a chunk: below the cap it is written with the next 64 KB; past the cap it joins
@@ -1179,7 +1229,7 @@ export class TaskLog {
 
   /** The file is full: its last bytes seed the tail (read back once). */
   private startTail(): void {
-    this.tail = new RollingTail(Math.floor(this.cap / 16));
+    this.tail = new RollingTail(Math.floor(this.cap / LOG_TAIL_SHARE));
     const seed = Buffer.alloc(this.tail.limit);
     fs.readSync(this.fd!, seed, 0, seed.length, this.fileBytes - seed.length);
     this.tail.push(seed);
@@ -1253,14 +1303,26 @@ export class LogFolder {
   private logs: TaskLog[] = [];
   private made = false;
 
+  /** The folder. */
+  readonly dir: string;
+  /** The most one log holds. */
+  readonly perTaskCap: number;
+  /** The most all logs hold together. */
+  readonly totalCap: number;
+  /** Keep every log (--keep-logs): nothing is removed, not even past the caps. */
+  readonly keep: boolean;
   /** Logs go in `dir` (made on the first one), each capped, all together capped. */
   constructor(
-    readonly dir: string,
-    readonly perTaskCap = LOG_CAP_BYTES,
-    readonly totalCap = LOG_FOLDER_CAP_BYTES,
-    /** Keep every log (--keep-logs): nothing is removed, not even past the caps. */
-    readonly keep = false,
-  ) {}
+    dir: string,
+    perTaskCap = LOG_CAP_BYTES,
+    totalCap = LOG_FOLDER_CAP_BYTES,
+    keep = false,
+  ) {
+    this.dir = dir;
+    this.perTaskCap = perTaskCap;
+    this.totalCap = totalCap;
+    this.keep = keep;
+  }
 
   /** The log of task `id`; nothing touches the disk until the task prints. */
   open(id: string): TaskLog {
@@ -1418,7 +1480,11 @@ class Printer {
   private pendingWord = "";
   private wrapped = false; // the row was opened by a wrap: its leading spaces are dropped
 
-  constructor(readonly stream: NodeJS.WriteStream, public quiet = false) {
+  readonly stream: NodeJS.WriteStream;
+  quiet: boolean;
+  constructor(stream: NodeJS.WriteStream, quiet = false) {
+    this.stream = stream;
+    this.quiet = quiet;
     this.color = colorsFor(stream);
   }
 
@@ -1572,8 +1638,12 @@ const RESULTS_MAX_CHARS = 8000;
 export class SafePattern {
   private re: RE2JS;
 
+  /** The pattern as the model wrote it. */
+  readonly source: string;
+
   /** Compiles `source`; a bad pattern is a ToolError that names `field`. */
-  constructor(readonly source: string, field = "pattern") {
+  constructor(source: string, field = "pattern") {
+    this.source = source;
     try {
       this.re = RE2JS.compile(source, RE2JS.MULTILINE);
     } catch (err) {
@@ -1603,7 +1673,10 @@ class LineScanner {
   private cutCharacter = NO_BYTES; // the start of a character the last chunk cut off
   private partial = ""; // the line being printed: its first MAX_SCANNED_LINE characters
 
-  constructor(private pattern: SafePattern) {}
+  private pattern: SafePattern;
+  constructor(pattern: SafePattern) {
+    this.pattern = pattern;
+  }
 
   /** Returns the matching line, or null. One linear scan per chunk. */
   push(chunk: Buffer): string | null {
@@ -1654,7 +1727,11 @@ class IdleWatcher {
   private stopped = false;
   private lastOutputAt = Date.now();
 
-  constructor(private ms: number, private check: () => void) {
+  private ms: number;
+  private check: () => void;
+  constructor(ms: number, check: () => void) {
+    this.ms = ms;
+    this.check = check;
     this.arm(ms);
   }
 
@@ -1692,7 +1769,9 @@ class OutputWatchers {
 
   private say: NonNullable<ShellOptions["onEvent"]>;
 
-  constructor(private proc: ShellProcess, options: ShellOptions) {
+  private proc: ShellProcess;
+  constructor(proc: ShellProcess, options: ShellOptions) {
+    this.proc = proc;
     const say = this.say = options.onEvent!;
     this.scanner = options.ready ? new LineScanner(options.ready) : null;
     this.watchScanner = options.watch ? new LineScanner(options.watch) : null;
@@ -1759,7 +1838,10 @@ class WatchReport {
   private lastHeld = "";
   private timer: ReturnType<typeof setTimeout> | null = null;
 
-  constructor(private say: NonNullable<ShellOptions["onEvent"]>) {}
+  private say: NonNullable<ShellOptions["onEvent"]>;
+  constructor(say: NonNullable<ShellOptions["onEvent"]>) {
+    this.say = say;
+  }
 
   matched(lines: string[]): void {
     for (const line of lines) {
@@ -2820,17 +2902,23 @@ export class InterruptedError extends Error {
 
 /** The run reached its limit of model calls (--max-turns). */
 export class MaxTurnsError extends Error {
+  /** The limit that was reached. */
+  readonly maxTurns: number;
   /** `maxTurns`: the limit that was reached. */
-  constructor(readonly maxTurns: number) {
+  constructor(maxTurns: number) {
     super(`stopped after ${maxTurns} model calls (--max-turns)`);
+    this.maxTurns = maxTurns;
   }
 }
 
 /** An API failure, already put in one readable line (status and the API's own message). */
 export class ApiError extends Error {
+  /** The HTTP status, if there was one. */
+  readonly status?: number;
   /** The line to show, and the HTTP status if there was one. */
-  constructor(message: string, readonly status?: number) {
+  constructor(message: string, status?: number) {
     super(message);
+    this.status = status;
   }
 }
 
@@ -3267,11 +3355,16 @@ export class ScriptedModel implements Model {
   name = "scripted";
   /** Every request, as it was when it came. */
   readonly requests: ModelRequest[] = [];
+  private script: ScriptStep[] | ScriptFunction;
+  private options: { recordRequests?: boolean; thinkMs?: number };
   /** A script: one step per call, or one function for every call. */
   constructor(
-    private script: ScriptStep[] | ScriptFunction,
-    private options: { recordRequests?: boolean; thinkMs?: number } = {},
-  ) {}
+    script: ScriptStep[] | ScriptFunction,
+    options: { recordRequests?: boolean; thinkMs?: number } = {},
+  ) {
+    this.script = script;
+    this.options = options;
+  }
 
   /** Plays the next step of the script. */
   async createMessage(request: ModelRequest, { signal, onText }: CallOptions): Promise<ModelReply> {
@@ -4617,8 +4710,10 @@ class TerminalOutput extends Writable {
   muted = false;
   readonly isTTY = true;
 
-  constructor(private target: NodeJS.WriteStream) {
+  private target: NodeJS.WriteStream;
+  constructor(target: NodeJS.WriteStream) {
     super();
+    this.target = target;
     target.on("resize", () => this.emit("resize"));
   }
 
@@ -4643,7 +4738,13 @@ class Repl {
   private inputClosed = false;
   private turn: AbortController | null = null;
 
-  constructor(private session: Session, private wake: boolean, private ctrlCPressed = false) {
+  private session: Session;
+  private wake: boolean;
+  private ctrlCPressed: boolean;
+  constructor(session: Session, wake: boolean, ctrlCPressed = false) {
+    this.session = session;
+    this.wake = wake;
+    this.ctrlCPressed = ctrlCPressed;
     const output = this.interactive ? this.screen : process.stdout;
     this.rl = readline.createInterface({
       input: process.stdin,
@@ -5034,8 +5135,12 @@ export class Transcript {
   private lastSaved = ""; // the last one's JSON: text may be appended to it later
   private told = new Set<string>();
 
+  /** The transcript's JSONL file. */
+  readonly file: string;
+
   /** Opens a new transcript (exclusive: never an existing file), or an existing one to go on. */
-  constructor(readonly file: string, opening: { id: string; workspace: string } | "append") {
+  constructor(file: string, opening: { id: string; workspace: string } | "append") {
+    this.file = file;
     const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_APPEND } = fs.constants;
     if (opening === "append") {
       checkedTranscript(file);
@@ -5335,7 +5440,9 @@ class TurnMeter {
   readonly denials: Array<{ tool_name: string; tool_use_id: string; tool_input: unknown }> = [];
   private callStarted = 0;
 
-  constructor(readonly stats: LoopStats) {
+  readonly stats: LoopStats;
+  constructor(stats: LoopStats) {
+    this.stats = stats;
     this.callsBefore = stats.modelCalls;
     this.usageBefore = { ...stats };
   }
@@ -5433,8 +5540,13 @@ class StreamWriter {
   private runningToolUse: string | null = null;
   private toolUseOf = new Map<string, string | null>();
 
+  private session: Session;
+  private partial: boolean;
   /** `partial`: --include-partial-messages, the model's text as it streams (stream_event). */
-  constructor(private session: Session, private partial = false) {}
+  constructor(session: Session, partial = false) {
+    this.session = session;
+    this.partial = partial;
+  }
 
   private send(fields: Record<string, unknown>): void {
     emit({ ...fields, uuid: crypto.randomUUID(), session_id: this.session.id });
@@ -5717,11 +5829,17 @@ class StreamSession {
   private pendingAnswers = new Map<string, (answer: Record<string, unknown>) => void>();
   private readonly writer: StreamWriter;
 
+  private session: Session;
+  private rules: PermissionRules;
+  private options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean };
   constructor(
-    private session: Session,
-    private rules: PermissionRules,
-    private options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean },
+    session: Session,
+    rules: PermissionRules,
+    options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean },
   ) {
+    this.session = session;
+    this.rules = rules;
+    this.options = options;
     this.writer = new StreamWriter(session, options.partial);
   }
 
