@@ -361,6 +361,7 @@ async function runToolCalls(calls: ToolCall[], reply: ModelReply, options: LoopO
 
 import { type ChildProcess, spawn } from "node:child_process";
 import * as fs from "node:fs";
+import * as nodeModule from "node:module";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as readline from "node:readline";
@@ -371,7 +372,7 @@ import * as util from "node:util";
 import * as v8 from "node:v8";
 import * as vm from "node:vm";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import { RE2JS } from "re2js";
+import type { RE2JS } from "re2js";
 
 // ---------------------------------------------------------------------------
 // 5. Processes
@@ -1002,7 +1003,7 @@ export class OutputBuffer {
 }
 
 /** Pipe bytes read between two collections asked for (Node's are cheap, Deno's are not). */
-const COLLECT_EVERY_BYTES = (isDeno ? 16 : 2) * 1024 * 1024;
+const COLLECT_EVERY_BYTES = (isDeno ? Number(process.env.XN ?? 16) : 2) * 1024 * 1024;
 let bytesSinceCollection = 0;
 let minorCollection: (() => void) | null | undefined; // undefined: not looked up yet
 
@@ -1631,6 +1632,14 @@ const MAX_SCANNED_LINE = 4096;
 const RESULTS_MAX_ENTRIES = 20;
 const RESULTS_MAX_CHARS = 8000;
 
+let re2js: typeof import("re2js") | null = null;
+
+/** re2js, loaded with the first pattern rather than at start (20 ms less to the first prompt). */
+function loadRe2js(): typeof import("re2js") {
+  re2js ??= nodeModule.createRequire(import.meta.url)("re2js") as typeof import("re2js");
+  return re2js;
+}
+
 /**
  * A regular expression from the model, run by RE2 (re2js): matching costs time linear in the
  * text, whatever the pattern. Lookaround and backreferences are refused when it is made.
@@ -1645,6 +1654,7 @@ export class SafePattern {
   constructor(source: string, field = "pattern") {
     this.source = source;
     try {
+      const { RE2JS } = loadRe2js();
       this.re = RE2JS.compile(source, RE2JS.MULTILINE);
     } catch (err) {
       const why = (err as Error).message.replace(/^error parsing regexp: /, "")
@@ -3168,8 +3178,16 @@ function loadSdk(): Promise<Sdk> {
         if (privateFolderProblem(dir, currentUid()) === null) withCache.enableCompileCache(dir);
       } catch { /* no cache: the same code, loaded a little slower */ }
     }
-    const required = module.createRequire(import.meta.url)("@anthropic-ai/sdk");
-    return (required.default ? required : { default: required }) as Sdk;
+    // tsx turns source maps on, and Node then reads a .map file for each of the SDK's 327
+    // files as it loads them (40 ms and 4 MB at start). Its stack traces are not ours to read.
+    const mapsWereOn = process.sourceMapsEnabled;
+    process.setSourceMapsEnabled(false);
+    try {
+      const required = module.createRequire(import.meta.url)("@anthropic-ai/sdk");
+      return (required.default ? required : { default: required }) as Sdk;
+    } finally {
+      process.setSourceMapsEnabled(mapsWereOn);
+    }
   });
   return sdk;
 }
