@@ -1003,7 +1003,7 @@ export class OutputBuffer {
 }
 
 /** Pipe bytes read between two collections asked for (Node's are cheap, Deno's are not). */
-const COLLECT_EVERY_BYTES = (isDeno ? Number(process.env.XN ?? 16) : 2) * 1024 * 1024;
+const COLLECT_EVERY_BYTES = (isDeno ? 16 : 2) * 1024 * 1024;
 let bytesSinceCollection = 0;
 let minorCollection: (() => void) | null | undefined; // undefined: not looked up yet
 
