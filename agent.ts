@@ -1004,8 +1004,11 @@ export class OutputBuffer {
 
 /** Pipe bytes read between two collections asked for (Node's are cheap, Deno's are not). */
 const COLLECT_EVERY_BYTES = (isDeno ? 16 : 2) * 1024 * 1024;
+/** On Deno, every 16th (each 256 MB read) is a full collection. */
+const DENO_FULL_COLLECTION_EVERY = 16;
 let bytesSinceCollection = 0;
-let minorCollection: (() => void) | null | undefined; // undefined: not looked up yet
+let collectionsAsked = 0;
+let collectGarbage: ((options?: object) => void) | null | undefined; // undefined: not looked up
 
 /**
  * Every pipe read is a fresh buffer, garbage as soon as onOutput returns; but a collector
@@ -1013,25 +1016,25 @@ let minorCollection: (() => void) | null | undefined; // undefined: not looked u
  * up: on Node, 60-90 MB before the external-memory limit starts a full collection; on Deno,
  * past 1 GB (the bare runtimes do the same). So, every few MB read, a collection is asked for.
  * Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
- * always a full one (6 ms), so it gets a 1 MB allocation it does see, which makes it collect.
- * RSS stays flat and near the bare runtime's (BENCH.md, figure 8).
+ * always a full one (6 ms or more), so it mostly gets a 1 MB allocation it does see, which
+ * makes it collect, and a full collection every 256 MB. RSS stays flat: BENCH.md, figure 8.
  */
 function collectPipeReads(bytes: number): void {
   bytesSinceCollection += bytes;
   if (bytesSinceCollection < COLLECT_EVERY_BYTES) return;
   bytesSinceCollection = 0;
-  if (isDeno) return void new Uint8Array(1024 * 1024);
-  minorCollection ??= findMinorCollection();
-  minorCollection?.();
+  collectGarbage ??= findGarbageCollector();
+  if (!isDeno) return collectGarbage?.({ type: "minor", execution: "sync" });
+  if (++collectionsAsked % DENO_FULL_COLLECTION_EVERY === 0) return collectGarbage?.();
+  new Uint8Array(1024 * 1024);
 }
 
-/** Node's gc(), made visible once in a context of its own (the global one stays as it was). */
-function findMinorCollection(): (() => void) | null {
+/** The runtime's gc(), made visible once in a context of its own (the global one is as it was). */
+function findGarbageCollector(): ((options?: object) => void) | null {
   try {
     v8.setFlagsFromString("--expose-gc");
     const gc = vm.runInNewContext("gc") as unknown;
-    if (typeof gc !== "function") return null;
-    return () => gc({ type: "minor", execution: "sync" });
+    return typeof gc === "function" ? (options?: object) => gc(options) : null;
   } catch {
     return null; // a runtime without it: the reads wait for the ordinary collections
   }

@@ -13,6 +13,7 @@ import type { AddressInfo } from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 import process from "node:process";
+import { pathToFileURL } from "node:url";
 import {
   agentLoop,
   BackgroundManager,
@@ -551,6 +552,9 @@ function denoBinary(): string {
 }
 const tsx = path.join(repoDir, "node_modules", ".bin", "tsx");
 const runner = isDeno ? [denoBinary(), "run", "-A"] : [tsx];
+/** tsx's loader as a file URL: `--import tsx` would resolve from the bench's temp folder. */
+const tsxLoader =
+  pathToFileURL(path.join(repoDir, "node_modules", "tsx", "dist", "loader.mjs")).href;
 
 /** Milliseconds from spawning `command` in a terminal (util-linux script) until `text` shows. */
 function timeUntilShown(
@@ -661,7 +665,7 @@ function streaming(): void {
   const arg = [marks.at(-1), ...marks].join(",");
   const ours: number[] = runProbe("stream", arg).at;
   const bare: number[] = runProbe("stream-bare", arg).at;
-  const limit = isDeno ? 200 : 120; // MB above idle; the rolling tails copy, so chunks die young
+  const limit = isDeno ? 180 : 40; // MB above idle: a collection every few MB of pipe reads
   const half = Math.floor(marks.length / 2);
   const fit = fitSlope(marks.slice(half), ours.slice(half));
   const [slope, error] = [fit.slope * 60, fit.standardError * 60]; // MB per minute
@@ -670,9 +674,10 @@ function streaming(): void {
   const allowed = Math.max(10, 0.25 * ours.at(-1)!);
   const shown = (values: number[]) => values.filter((_, i) => i % 3 === 2).map((m) => m.toFixed(0));
   rows.push({
-    figure: `8. RSS above idle, 16 tasks streaming yes (logs on), every ${step} s: ${
-      shown(ours).join("/")
-    } MB, slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
+    figure:
+      `8b. in one process: RSS above idle, 16 tasks streaming yes (logs on), every ${step} s: ${
+        shown(ours).join("/")
+      } MB, slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
     unit: "MB",
     value: stats(ours.slice(half)),
     floor: {
@@ -682,6 +687,113 @@ function streaming(): void {
     target: `< ${limit} MB, flat (second-half slope <= max(10, 25% of the last) MB/min)`,
     met: Math.max(...ours) < limit && slope - error <= allowed,
     missedClearly: Math.max(...ours) > limit * NOISE_MARGIN || slope - 2 * error > allowed,
+  });
+}
+
+/** RSS of process `pid` in MB, from /proc (NaN once it is gone). */
+function rssOf(pid: number): number {
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+    return Number(status.match(/VmRSS:\s+(\d+)/)![1]) / 1024;
+  } catch {
+    return NaN;
+  }
+}
+
+/**
+ * RSS of a command, sampled every 250 ms for `seconds` after `started` resolves, then the
+ * command is sent SIGTERM: the peak, and the largest sample of each second.
+ */
+async function sampleRss(
+  command: string[],
+  env: Record<string, string>,
+  seconds: number,
+  started: Promise<unknown>,
+): Promise<{ peak: number; perSecond: number[] }> {
+  const child = spawn(command[0], command.slice(1), {
+    cwd: workdir,
+    env: { ...process.env as Record<string, string>, ...env },
+    stdio: "ignore",
+  });
+  const closed = new Promise((resolve) => child.on("close", resolve));
+  const samples: number[] = [];
+  const sampler = setInterval(() => samples.push(rssOf(child.pid!)), 250);
+  await Promise.race([started, closed]);
+  const t0 = samples.length;
+  await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  clearInterval(sampler);
+  child.kill("SIGTERM"); // the agent ends its tasks on the way out; the floor script dies
+  await closed;
+  const valid = samples.filter((mb) => mb > 0);
+  const perSecond = Array.from(
+    { length: seconds },
+    (_, i) => Math.max(...samples.slice(t0 + i * 4, t0 + i * 4 + 4).filter((mb) => mb > 0)),
+  );
+  return { peak: Math.max(...valid), perSecond };
+}
+
+/** 8a. The command line the user runs: a model starts 16 x `yes` and answers after a minute. */
+async function streamingThroughCli(): Promise<void> {
+  const seconds = quick ? 12 : 60;
+  let firstRequest: () => void = () => {};
+  let requests = 0;
+  const held: http.ServerResponse[] = []; // every later request waits until the end
+  const server = http.createServer((req, res) => {
+    req.resume();
+    req.on("end", () => {
+      if (requests++ > 0) return void held.push(res);
+      sendReply(res, Array.from({ length: 16 }, (_, i) => backgroundRun(`${i}`, "yes")));
+      firstRequest();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const env = {
+    ANTHROPIC_API_KEY: "k",
+    ANTHROPIC_BASE_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+  };
+  const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
+  const reader = path.join(floors, "stream-reader.mts");
+  fs.writeFileSync(
+    reader,
+    'import { spawn } from "node:child_process";\n' +
+      'for (let i = 0; i < 16; i++) spawn("yes", [], { stdio: ["ignore", "pipe", "ignore"] })' +
+      '.stdout!.on("data", () => {});\nprocess.on("SIGTERM", () => process.exit(0));\n',
+  );
+  // Node runs as `npm start` does (node --import tsx), so the sampled pid is the agent itself.
+  const agentRunner = isDeno ? runner : [process.execPath, "--import", tsxLoader];
+  const run = (command: string[], waitForRequest: boolean) => {
+    requests = 0;
+    const started = new Promise<void>((resolve) => (firstRequest = resolve));
+    return sampleRss(command, env, seconds, waitForRequest ? started : Promise.resolve());
+  };
+  const ours = await run([...agentRunner, path.join(repoDir, "agent.ts"), "-p", "go"], true);
+  for (const res of held) res.destroy();
+  const bare = await run([...agentRunner, reader], false);
+  server.close();
+  fs.rmSync(floors, { recursive: true, force: true });
+  const half = Math.floor(seconds / 2);
+  const marks = ours.perSecond.map((_, i) => i + 1);
+  const fit = fitSlope(marks.slice(half), ours.perSecond.slice(half));
+  const [slope, error] = [fit.slope * 60, fit.standardError * 60];
+  const allowed = Math.max(10, 0.25 * ours.perSecond.at(-1)!);
+  const limit = isDeno ? 200 : 120; // MB: the whole process, start-up included
+  const every = (values: number[]) =>
+    values.filter((_, i) => i % Math.max(1, Math.floor(seconds / 6)) === 0).map((mb) =>
+      mb.toFixed(0)
+    );
+  rows.push({
+    figure: `8a. peak RSS of the command line, 16 tasks streaming yes for ${seconds} s: ${
+      every(ours.perSecond).join("/")
+    } MB, slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
+    unit: "MB",
+    value: stats1(ours.peak),
+    floor: {
+      label: `reference: a bare script reading 16 x yes: ${every(bare.perSecond).join("/")} MB`,
+      value: stats1(bare.peak),
+    },
+    target: `< ${limit} MB, flat (second-half slope <= max(10, 25% of the last) MB/min)`,
+    met: ours.peak < limit && slope - error <= allowed,
+    missedClearly: ours.peak > limit * NOISE_MARGIN || slope - 2 * error > allowed,
   });
 }
 
@@ -980,6 +1092,41 @@ function sessions(): void {
   );
 }
 
+// A loopback Messages API for the figures that run the real command line (8 and 13).
+type ReplyBlock =
+  | { type: "text"; text: string }
+  | { type: "tool_use"; id: string; name: string; input: Record<string, unknown> };
+
+/** A background_run call the loopback model makes. */
+function backgroundRun(id: string, command: string): ReplyBlock {
+  return { type: "tool_use", id: `toolu_${id}`, name: "background_run", input: { command } };
+}
+
+/** One reply of the streaming Messages API, as the SDK reads it; tool calls stop with tool_use. */
+function sendReply(res: http.ServerResponse, blocks: ReplyBlock[]): void {
+  const send = (event: string, data: unknown) =>
+    res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+  res.writeHead(200, { "content-type": "text/event-stream" });
+  const usage = { input_tokens: 1, output_tokens: 1 };
+  send("message_start", {
+    type: "message_start",
+    message: { id: "msg", type: "message", role: "assistant", model: "m", content: [], usage },
+  });
+  blocks.forEach((block, index) => {
+    const start = block.type === "text" ? { type: "text", text: "" } : { ...block, input: {} };
+    send("content_block_start", { type: "content_block_start", index, content_block: start });
+    const delta = block.type === "text"
+      ? { type: "text_delta", text: block.text }
+      : { type: "input_json_delta", partial_json: JSON.stringify(block.input) };
+    send("content_block_delta", { type: "content_block_delta", index, delta });
+    send("content_block_stop", { type: "content_block_stop", index });
+  });
+  const stop_reason = blocks.some((block) => block.type === "tool_use") ? "tool_use" : "end_turn";
+  send("message_delta", { type: "message_delta", delta: { stop_reason }, usage });
+  send("message_stop", { type: "message_stop" });
+  res.end();
+}
+
 // 13. Per task and per byte as the user pays it: the command line, a fresh process per sample --
 /** CPU seconds (user + sys) of `command` and everything it started, from bash's `times`. */
 async function childCpu(command: string[], env: Record<string, string>): Promise<number> {
@@ -1007,41 +1154,12 @@ async function commandLine(): Promise<void> {
   let script: string[] = [];
   let issued = 0;
   const server = http.createServer((req, res) => {
-    let raw = "";
-    req.on("data", (chunk) => (raw += chunk));
+    req.resume();
     req.on("end", () => {
       const commands = script.slice(issued, issued + 16); // the next 16, then only "Done."
       issued += commands.length;
-      const blocks = commands.length > 0
-        ? commands.map((command, i) => ({
-          type: "tool_use",
-          id: `toolu_${issued}_${i}`,
-          name: "background_run",
-          input: { command },
-        }))
-        : [{ type: "text", text: "Done." }];
-      // The streaming Messages API, as the SDK reads it.
-      const send = (event: string, data: unknown) =>
-        res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-      res.writeHead(200, { "content-type": "text/event-stream" });
-      const usage = { input_tokens: 1, output_tokens: 1 };
-      send("message_start", {
-        type: "message_start",
-        message: { id: "msg", type: "message", role: "assistant", model: "m", content: [], usage },
-      });
-      blocks.forEach((block, index) => {
-        const start = "text" in block ? { type: "text", text: "" } : { ...block, input: {} };
-        send("content_block_start", { type: "content_block_start", index, content_block: start });
-        const delta = "text" in block
-          ? { type: "text_delta", text: block.text }
-          : { type: "input_json_delta", partial_json: JSON.stringify(block.input) };
-        send("content_block_delta", { type: "content_block_delta", index, delta });
-        send("content_block_stop", { type: "content_block_stop", index });
-      });
-      const stop_reason = commands.length > 0 ? "tool_use" : "end_turn";
-      send("message_delta", { type: "message_delta", delta: { stop_reason }, usage });
-      send("message_stop", { type: "message_stop" });
-      res.end();
+      if (commands.length === 0) return sendReply(res, [{ type: "text", text: "Done." }]);
+      sendReply(res, commands.map((command, i) => backgroundRun(`${issued}_${i}`, command)));
     });
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -1193,7 +1311,7 @@ async function main(): Promise<void> {
     ["5", memory],
     ["6", loopOverhead],
     ["7", startup],
-    ["8", streaming],
+    ["8", async () => (await streamingThroughCli(), streaming())],
     ["9", watching],
     ["10", longSession],
     ["11", killLatency],
