@@ -43,7 +43,7 @@ Figures:
   5 memory and the log   6 loop overhead   7 start-up   8 streaming memory (slope)
   9 watching: log, ready scan, ready latency, tail and filter   10 long sessions: caching,
   context   11 kill latency   12 sessions: saving a turn, resuming
-  13 per task and per GB through the command line (fresh processes)`;
+  13 per task and per GB, and the read rate, through the command line (fresh processes)`;
 const quick = process.argv.includes("--quick");
 const check = process.argv.includes("--check");
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
@@ -127,13 +127,13 @@ function shippedManager(options: ManagerOptions = {}): BackgroundManager {
 }
 
 /** Runs two measurements in alternating order, so drift on a shared machine hits both alike. */
-async function interleaved(
+async function interleaved<T = number>(
   rounds: number,
-  ours: () => Promise<number>,
-  floor: () => Promise<number>,
-) {
-  const a: number[] = [];
-  const b: number[] = [];
+  ours: () => Promise<T>,
+  floor: () => Promise<T>,
+): Promise<[T[], T[]]> {
+  const a: T[] = [];
+  const b: T[] = [];
   for (let r = 0; r < rounds; r++) {
     if (r % 2 === 0) {
       a.push(await ours());
@@ -1128,8 +1128,12 @@ function sendReply(res: http.ServerResponse, blocks: ReplyBlock[]): void {
 }
 
 // 13. Per task and per byte as the user pays it: the command line, a fresh process per sample --
-/** CPU seconds (user + sys) of `command` and everything it started, from bash's `times`. */
-async function childCpu(command: string[], env: Record<string, string>): Promise<number> {
+/** CPU seconds (user + sys) of `command` and all it started (bash's `times`), and wall seconds. */
+async function childCpu(
+  command: string[],
+  env: Record<string, string>,
+): Promise<{ cpu: number; wall: number }> {
+  const t0 = wallMs();
   const quoted = command.map((w) => `'${w.replace(/'/g, "'\\''")}'`).join(" ");
   const child = spawn("bash", ["-c", `${quoted} >/dev/null 2>&1 </dev/null; times`], {
     cwd: workdir,
@@ -1144,7 +1148,7 @@ async function childCpu(command: string[], env: Record<string, string>): Promise
     return Number(m) * 60 + Number(s);
   };
   const children = out.trim().split("\n")[1].split(/\s+/); // user and sys of the children
-  return seconds(children[0]) + seconds(children[1]);
+  return { cpu: seconds(children[0]) + seconds(children[1]), wall: (wallMs() - t0) / 1000 };
 }
 
 async function commandLine(): Promise<void> {
@@ -1196,11 +1200,20 @@ async function commandLine(): Promise<void> {
       () => ((issued = 0), childCpu(agent, env)),
       () => childCpu(floor([]), env),
     );
-    const ours = withWork.map((cpu) => (cpu - stats(idle).median) / units);
-    const bare = withWorkFloor.map((cpu) => (cpu - stats(idleFloor).median) / units);
-    return [ours, bare];
+    // Per unit: what the work added to an idle run's CPU; its rate: units per added second.
+    const added = (runs: { cpu: number; wall: number }[], idleRuns: typeof runs) => {
+      const [idleCpu, idleWall] = [idleRuns.map((r) => r.cpu), idleRuns.map((r) => r.wall)];
+      return {
+        perUnit: runs.map((r) => (r.cpu - stats(idleCpu).median) / units),
+        rate: runs.map((r) => units / (r.wall - stats(idleWall).median)),
+      };
+    };
+    return [added(withWork, idle), added(withWorkFloor, idleFloor)];
   };
-  const [perTask, perTaskFloor] = await perUnit(Array(tasks).fill("true"), tasks);
+  const [{ perUnit: perTask }, { perUnit: perTaskFloor }] = await perUnit(
+    Array(tasks).fill("true"),
+    tasks,
+  );
   compare(
     `13a. CPU per task through the command line (${tasks} x true, a fresh process each)`,
     "ms",
@@ -1210,7 +1223,8 @@ async function commandLine(): Promise<void> {
     1.5,
   );
   const reader = `head -c ${bytes / 2} /dev/zero`;
-  const [perGb, perGbFloor] = await perUnit([reader, reader], bytes / 1e9);
+  const [ourRead, floorRead] = await perUnit([reader, reader], bytes / 1e9);
+  const [perGb, perGbFloor] = [ourRead.perUnit, floorRead.perUnit];
   compare(
     `13b. CPU per GB read through the command line (2 x ${bytes / 2e6} MB)`,
     "s",
@@ -1218,6 +1232,15 @@ async function commandLine(): Promise<void> {
     "a bare spawner script reading and dropping",
     perGbFloor,
     1.5,
+  );
+  compare(
+    "13c. read rate through the command line, the same runs (past an idle run's time)",
+    "GB/s",
+    ourRead.rate,
+    "the bare spawner script",
+    floorRead.rate,
+    1 / 0.7,
+    { rate: true },
   );
   server.close();
   fs.rmSync(floors, { recursive: true, force: true });
