@@ -1011,10 +1011,11 @@ let collectionsAsked = 0;
 let collectGarbage: ((options?: object) => void) | null | undefined; // undefined: not looked up
 
 /**
- * Every pipe read is a fresh buffer, garbage as soon as onOutput returns; but a collector
- * counts only the few bytes of its handle, so under a flood (16 x `yes`) the dead reads pile
- * up: on Node, 60-90 MB before the external-memory limit starts a full collection; on Deno,
- * past 1 GB (the bare runtimes do the same). So, every few MB read, a collection is asked for.
+ * Every pipe read is a fresh buffer, garbage as soon as onOutput returns, yet nothing makes
+ * the collector run soon: a read leaves a few bytes on the heap and 64 KB outside it. Under a
+ * flood (16 x `yes`) the dead reads pile up: on Node 60-90 MB, until its external-memory limit
+ * starts a full collection; on Deno past 1 GB (the bare runtimes do the same). So, every few
+ * MB read, a collection is asked for.
  * Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
  * always a full one (6 ms or more), so it mostly gets a 1 MB allocation it does see, which
  * makes it collect, and a full collection every 256 MB. RSS stays flat: BENCH.md, figure 8.

@@ -581,23 +581,29 @@ function timeUntilShown(
   });
 }
 
+/** A loopback Messages API on a free port, and the environment that points the agent at it. */
+async function serveLoopbackApi(handler: http.RequestListener) {
+  const server = http.createServer(handler);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    server,
+    env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: `http://127.0.0.1:${port}` },
+  };
+}
+
 async function startup(): Promise<void> {
   if (spawnSync("script", ["--version"]).status !== 0) {
     return void process.stderr.write("(start-up not measured: no util-linux script)\n");
   }
   const hits: number[] = [];
-  const server = http.createServer((_req, res) => {
+  const { server, env } = await serveLoopbackApi((_req, res) => {
     hits.push(wallMs());
     res.writeHead(400, { "content-type": "application/json" });
     res.end(
       JSON.stringify({ type: "error", error: { type: "invalid_request_error", message: "bench" } }),
     );
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const env = {
-    ANTHROPIC_API_KEY: "k",
-    ANTHROPIC_BASE_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-  };
   // The floor scripts live in the repo for the run, so both runtimes resolve the SDK as agent.ts does.
   const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
   const promptOnly = path.join(floors, "prompt-only.mts");
@@ -738,7 +744,7 @@ async function streamingThroughCli(): Promise<void> {
   let firstRequest: () => void = () => {};
   let requests = 0;
   const held: http.ServerResponse[] = []; // every later request waits until the end
-  const server = http.createServer((req, res) => {
+  const { server, env } = await serveLoopbackApi((req, res) => {
     req.resume();
     req.on("end", () => {
       if (requests++ > 0) return void held.push(res);
@@ -746,11 +752,6 @@ async function streamingThroughCli(): Promise<void> {
       firstRequest();
     });
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const env = {
-    ANTHROPIC_API_KEY: "k",
-    ANTHROPIC_BASE_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-  };
   const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
   const reader = path.join(floors, "stream-reader.mts");
   fs.writeFileSync(
@@ -1157,7 +1158,7 @@ async function commandLine(): Promise<void> {
   // A loopback API whose model starts `tasks` background tasks, 16 to a reply, then stops.
   let script: string[] = [];
   let issued = 0;
-  const server = http.createServer((req, res) => {
+  const api = await serveLoopbackApi((req, res) => {
     req.resume();
     req.on("end", () => {
       const commands = script.slice(issued, issued + 16); // the next 16, then only "Done."
@@ -1166,12 +1167,7 @@ async function commandLine(): Promise<void> {
       sendReply(res, commands.map((command, i) => backgroundRun(`${issued}_${i}`, command)));
     });
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const env = {
-    ANTHROPIC_API_KEY: "k",
-    ANTHROPIC_BASE_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-    S08_BACKGROUND_AFTER_SEC: "0",
-  };
+  const env = { ...api.env, S08_BACKGROUND_AFTER_SEC: "0" };
   const agent = [...runner, path.join(repoDir, "agent.ts"), "-p", "go"];
   const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
   const spawner = path.join(floors, "spawner.mts");
@@ -1242,7 +1238,7 @@ async function commandLine(): Promise<void> {
     1 / 0.7,
     { rate: true },
   );
-  server.close();
+  api.server.close();
   fs.rmSync(floors, { recursive: true, force: true });
 }
 
