@@ -18,6 +18,7 @@ import {
   appendUserText,
   BackgroundManager,
   cleanOutput,
+  clearOldToolResults,
   colorsFor,
   type Config,
   configFrom,
@@ -26,6 +27,7 @@ import {
   DEMO_PROMPTS,
   demoModel,
   editedInPlace,
+  estimateTokens,
   findTask,
   formatBackgroundResults,
   HandOffs,
@@ -1731,6 +1733,26 @@ section("4. The agent loop", 4, () => {
     fs.symlinkSync(file, link);
     assert.throws(() => loadTranscript(link), /is not a regular file/);
     assert.deepEqual(fs.readFileSync(broken).length, whole.length + 10, "left as it was");
+  });
+
+  test("loop: the token estimate measures a message once, again once clearing changed it, and the newest always", () => {
+    const history: MessageParam[] = [{ role: "user", content: "go" }];
+    for (let i = 0; i < 6; i++) {
+      history.push({
+        role: "assistant",
+        content: [{ type: "tool_use", id: `t${i}`, name: "bash", input: { command: "cat" } }],
+      });
+      history.push({
+        role: "user",
+        content: [{ type: "tool_result", tool_use_id: `t${i}`, content: "x".repeat(4000) }],
+      });
+    }
+    const measured = () => Math.ceil((JSON.stringify(history).length - 1) / 4);
+    assert.equal(estimateTokens(history), measured());
+    assert.ok(clearOldToolResults(history, 2000) > 0, "old results were cleared");
+    assert.equal(estimateTokens(history), measured(), "what clearing changed is measured again");
+    appendUserText(history, "y".repeat(3000)); // the newest message grows in place
+    assert.equal(estimateTokens(history), measured(), "the newest message is measured each time");
   });
 
   test("sessions: what clearing changed is saved again, so a resume is as cleared as the session was", () => {

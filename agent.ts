@@ -3014,9 +3014,25 @@ function buildRequest(history: MessageParam[], options: LoopOptions): ModelReque
   };
 }
 
-/** A rough size of the history in tokens (4 characters a token), for when usage is unknown. */
-function estimateTokens(history: MessageParam[]): number {
-  return Math.ceil(JSON.stringify(history).length / 4);
+/** Each message's JSON length, once measured; the newest may still grow, so it is not kept. */
+const messageChars = new WeakMap<MessageParam, number>();
+
+/**
+ * A rough size of the history in tokens (4 characters a token), for when usage is unknown:
+ * only messages not measured before are serialized, so a 1,000-turn history costs a turn
+ * microseconds, not a serialization of the whole history (BENCH.md, figure 6).
+ */
+export function estimateTokens(history: MessageParam[]): number {
+  let chars = 0;
+  history.forEach((message, index) => {
+    let size = messageChars.get(message);
+    if (size === undefined) {
+      size = JSON.stringify(message).length + 1; // and its comma
+      if (index < history.length - 1) messageChars.set(message, size);
+    }
+    chars += size;
+  });
+  return Math.ceil(chars / 4);
 }
 
 /** The newest user messages whose tool results are never cleared. */
@@ -3028,7 +3044,7 @@ const KEEP_RECENT_RESULTS = 3;
  * newest few and every <background-results> block (text, not a tool result) are kept.
  * Returns how many results it cleared.
  */
-function clearOldToolResults(history: MessageParam[], tokens: number): number {
+export function clearOldToolResults(history: MessageParam[], tokens: number): number {
   let freed = 0;
   let cleared = 0;
   const userMessages = history.filter((m) => m.role === "user");
@@ -3042,7 +3058,7 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
       const call = toolCallBefore(history, i, block.tool_use_id);
       const what = call ? `${call.name} ${oneLine(JSON.stringify(call.input), 120)}` : "a tool";
       const size = block.content.length;
-      editedInPlace.add(message);
+      markEditedInPlace(message);
       block.content = `${CLEARED_MARK} the result of ${what} (${size} characters) was cleared ` +
         "to keep the context small; run it again if you need it (a task's output: " +
         "check_background or its log)]";
@@ -3064,7 +3080,7 @@ function clearOldToolResults(history: MessageParam[], tokens: number): number {
         const value = input[field];
         if (typeof value !== "string" || value.length < 400) continue;
         const what = field === "content" ? "written to" : `of ${field} in`;
-        editedInPlace.add(message);
+        markEditedInPlace(message);
         input[field] = `(content cleared: ${value.length.toLocaleString("en-US")} characters ` +
           `${what} ${String(input.path)})`;
         freed += (value.length - String(input[field]).length) / 4;
@@ -3079,6 +3095,12 @@ const CLEARED_MARK = "[cleared:";
 
 /** Messages that clearing changed in place; a transcript saves them again (then forgets them). */
 export const editedInPlace = new WeakSet<MessageParam>();
+
+/** Clearing changed `message`: it is saved again and measured again. */
+function markEditedInPlace(message: MessageParam): void {
+  editedInPlace.add(message);
+  messageChars.delete(message);
+}
 
 function toolCallBefore(history: MessageParam[], index: number, id: string) {
   const previous = history[index - 1];
