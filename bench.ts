@@ -592,6 +592,20 @@ async function serveLoopbackApi(handler: http.RequestListener) {
   };
 }
 
+/**
+ * A figure's floor scripts, written to a folder in the repo so both runtimes resolve packages
+ * as agent.ts does: each one's path, and remove() for the folder.
+ */
+function writeFloorScripts<Name extends string>(sources: Record<Name, string>) {
+  const dir = fs.mkdtempSync(path.join(repoDir, ".bench-"));
+  const paths = {} as Record<Name, string>;
+  for (const name of Object.keys(sources) as Name[]) {
+    paths[name] = path.join(dir, `${name}.mts`);
+    fs.writeFileSync(paths[name], sources[name]);
+  }
+  return { paths, remove: () => fs.rmSync(dir, { recursive: true, force: true }) };
+}
+
 async function startup(): Promise<void> {
   if (spawnSync("script", ["--version"]).status !== 0) {
     return void process.stderr.write("(start-up not measured: no util-linux script)\n");
@@ -604,22 +618,17 @@ async function startup(): Promise<void> {
       JSON.stringify({ type: "error", error: { type: "invalid_request_error", message: "bench" } }),
     );
   });
-  // The floor scripts live in the repo for the run, so both runtimes resolve the SDK as agent.ts does.
-  const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
-  const promptOnly = path.join(floors, "prompt-only.mts");
-  const requestOnly = path.join(floors, "request-only.mts");
-  fs.writeFileSync(
-    promptOnly,
-    'import * as readline from "node:readline";\nimport process from "node:process";\n' +
+  const floors = writeFloorScripts({
+    promptOnly:
+      'import * as readline from "node:readline";\nimport process from "node:process";\n' +
       "const rl = readline.createInterface({ input: process.stdin, output: process.stdout });\n" +
       'rl.setPrompt("s08 >> ");\nrl.prompt();\n',
-  );
-  fs.writeFileSync(
-    requestOnly,
-    'import Anthropic from "@anthropic-ai/sdk";\nconst client = new Anthropic({ maxRetries: 0 });\n' +
+    requestOnly:
+      'import Anthropic from "@anthropic-ai/sdk";\nconst client = new Anthropic({ maxRetries: 0 });\n' +
       'const request = { model: "m", max_tokens: 1, messages: [{ role: "user" as const, content: "hi" }] };\n' +
       "await client.messages.create(request).catch(() => {});\n",
-  );
+  });
+  const { promptOnly, requestOnly } = floors.paths;
   const rounds = quick ? 3 : 10;
   const [prompt, promptFloor] = await interleaved(
     rounds,
@@ -659,7 +668,7 @@ async function startup(): Promise<void> {
     isDeno ? 1.3 : 0.8,
   );
   server.close();
-  fs.rmSync(floors, { recursive: true, force: true });
+  floors.remove();
 }
 
 // 8. Memory while 16 tasks stream output (yes) -----------------------------------------------------
@@ -752,14 +761,11 @@ async function streamingThroughCli(): Promise<void> {
       firstRequest();
     });
   });
-  const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
-  const reader = path.join(floors, "stream-reader.mts");
-  fs.writeFileSync(
-    reader,
-    'import { spawn } from "node:child_process";\n' +
+  const floors = writeFloorScripts({
+    reader: 'import { spawn } from "node:child_process";\n' +
       'for (let i = 0; i < 16; i++) spawn("yes", [], { stdio: ["ignore", "pipe", "ignore"] })' +
       '.stdout!.on("data", () => {});\nprocess.on("SIGTERM", () => process.exit(0));\n',
-  );
+  });
   // Node runs as `npm start` does (node --import tsx), so the sampled pid is the agent itself.
   const agentRunner = isDeno ? runner : [process.execPath, "--import", tsxLoader];
   const run = (command: string[], waitForRequest: boolean) => {
@@ -769,9 +775,9 @@ async function streamingThroughCli(): Promise<void> {
   };
   const ours = await run([...agentRunner, path.join(repoDir, "agent.ts"), "-p", "go"], true);
   for (const res of held) res.destroy();
-  const bare = await run([...agentRunner, reader], false);
+  const bare = await run([...agentRunner, floors.paths.reader], false);
   server.close();
-  fs.rmSync(floors, { recursive: true, force: true });
+  floors.remove();
   const half = Math.floor(seconds / 2);
   const marks = ours.perSecond.map((_, i) => i + 1);
   const fit = fitSlope(marks.slice(half), ours.perSecond.slice(half));
@@ -1170,19 +1176,16 @@ async function commandLine(): Promise<void> {
   });
   const env = { ...api.env, S08_BACKGROUND_AFTER_SEC: "0" };
   const agent = [...runner, path.join(repoDir, "agent.ts"), "-p", "go"];
-  const floors = fs.mkdtempSync(path.join(repoDir, ".bench-"));
-  const spawner = path.join(floors, "spawner.mts");
-  fs.writeFileSync(
-    spawner,
-    'import { spawn } from "node:child_process";\nimport process from "node:process";\n' +
+  const floors = writeFloorScripts({
+    spawner: 'import { spawn } from "node:child_process";\nimport process from "node:process";\n' +
       "const commands = JSON.parse(process.argv[2]);\nlet next = 0;\n" +
       "const one = () => new Promise((done) => {\n" +
       '  const c = spawn("bash", ["-c", commands[next++]], { detached: true, stdio: ["ignore", "pipe", "pipe"] });\n' +
       '  c.stdout.on("data", () => {}); c.stderr.on("data", () => {}); c.on("close", done);\n' +
       "});\nconst worker = async () => { while (next < commands.length) await one(); };\n" +
       "await Promise.all(Array.from({ length: 16 }, worker));\n",
-  );
-  const floor = (commands: string[]) => [...runner, spawner, JSON.stringify(commands)];
+  });
+  const floor = (commands: string[]) => [...runner, floors.paths.spawner, JSON.stringify(commands)];
   const rounds = quick ? 3 : 5;
   const perUnit = async (commands: string[], units: number) => {
     script = commands;
@@ -1240,7 +1243,7 @@ async function commandLine(): Promise<void> {
     { rate: true },
   );
   api.server.close();
-  fs.rmSync(floors, { recursive: true, force: true });
+  floors.remove();
 }
 
 function stats1(value: number): Stats {
