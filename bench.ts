@@ -848,7 +848,7 @@ async function watching(): Promise<void> {
   // 9b. A ready pattern that never matches: CPU time against the same run without one.
   new SafePattern("warm-up"); // re2js loads with the first pattern: a one-time cost, not the scan's
   const [withReady, without] = await interleaved(
-    quick ? 2 : 5,
+    quick ? 3 : 5, // a median of three: two rounds of 200 MB swing by 50%
     async () => {
       const c0 = process.cpuUsage();
       const ready = new SafePattern("listening on port \\d+");
