@@ -29,10 +29,11 @@ import process from "node:process";
 // ===========================================================================
 // PART I: THE LESSON. It borrows these from Part II, each a piece of machinery it trusts:
 //   ShellProcess (5): a command in its own process group, output kept; LogFolder (6): each
-//   task's whole output, capped; endReport, Retention, oneLine, WatchOptions, watchOptionsFrom,
-//   checkTasks, taskList, killTask, floodSafe (7): what the background tools report and do;
-//   ToolDefinition, runTool (8): a tool and one call of it, run safely; callModel, LoopOptions,
-//   CUT_OFF_STOPS, the message types, InterruptedError, INTERRUPTED_NOTE, untilAborted (9).
+//   task's whole output, capped; oneLine (7): text cut to a line; endReport, Retention,
+//   WatchOptions, watchOptionsFrom, checkTasks, taskList, killTask, floodSafe (8): what the
+//   background tools report and do; ToolDefinition, runTool (9): a tool and one call of it, run
+//   safely; callModel, LoopOptions, CUT_OFF_STOPS, the message types, InterruptedError,
+//   INTERRUPTED_NOTE, untilAborted (10).
 // ===========================================================================
 
 // ---------------------------------------------------------------------------
@@ -179,7 +180,7 @@ export class BackgroundManager {
 // ---------------------------------------------------------------------------
 // 3. The background tools
 // A tool is a JSON schema the model sees plus a handler the harness runs (bash and the file
-// tools are the earlier steps', section 8). Where the tutorial differs: check_background also
+// tools are the earlier steps', section 9). Where the tutorial differs: check_background also
 // waits, and kill_background exists: a model that starts work must be able to stop it.
 // ---------------------------------------------------------------------------
 
@@ -893,18 +894,17 @@ function writeNewFile(file: string, text: string): void {
 // ---------------------------------------------------------------------------
 // 6. Output and logs
 // Adds: output kept bounded in memory (head and tail), each task's whole output in a capped
-// log file opened on first output, and the cleaning every text from outside gets before it
-// reaches the model or the terminal.
+// log file opened on first output, and pipe reads collected before they pile up.
 //
 // Every cap on output, in one place (each constant sits beside the code it bounds):
 //   OUTPUT_HEAD_BYTES + OUTPUT_TAIL_BYTES  25 KB + 25 KB  a task's output kept in memory (6)
-//   LOG_CAP_BYTES                          16 MB          one task's log: 8 MB head, marker, tail (6)
+//   LOG_CAP_BYTES                          16 MB          one log: 8 MB head, marker, tail (6)
 //   LOG_CAP_BYTES / LOG_TAIL_SHARE         256 KB         a full log's newest output, in memory (6)
 //   LOG_FOLDER_CAP_BYTES                   256 MB         all logs of a run; oldest go first (6)
-//   RESULTS_MAX_ENTRIES, RESULTS_MAX_CHARS 20, 8 KB       one <background-results> block (7)
-//   WATCH_LINES_PER_SEC, _PER_BLOCK        10, 10         watch lines of one task (7)
-//   TOOL_RESULT_MAX_CHARS                  60,000 chars   every tool result (8)
-//   READ_LIMIT_BYTES                       50 KB          what read_file returns at once (8)
+//   RESULTS_MAX_ENTRIES, RESULTS_MAX_CHARS 20, 8 KB       one <background-results> block (8)
+//   WATCH_LINES_PER_SEC, _PER_BLOCK        10, 10         watch lines of one task (8)
+//   TOOL_RESULT_MAX_CHARS                  60,000 chars   every tool result (9)
+//   READ_LIMIT_BYTES                       50 KB          what read_file returns at once (9)
 // ---------------------------------------------------------------------------
 
 /** Bytes of a task's output kept in memory: its start and its end. */
@@ -1355,7 +1355,12 @@ export class LogFolder {
   }
 }
 
-// Text that reaches the model or the terminal: clean, valid and bounded.
+// ---------------------------------------------------------------------------
+// 7. Clean text and the printer
+// Adds: the cleaning every text from outside (task output, files, the model) gets before it
+// reaches the model or the terminal: no escape codes or control bytes, valid UTF-16, cut to a
+// size at a word; and the Printer, which wraps and colours what the terminal shows.
+// ---------------------------------------------------------------------------
 
 // ANSI escape sequences: CSI (colours, cursor moves), OSC (titles, links), two-byte escapes.
 const ANSI_ESCAPES = /\x1b\[[0-?]*[ -\/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]/g;
@@ -1605,7 +1610,7 @@ function warnOnce(cause: string, text: string): void {
 }
 
 // ---------------------------------------------------------------------------
-// 7. Watching long-running work
+// 8. Watching long-running work
 // Adds: what the model needs to watch a task without polling: "ready", "quiet" and "waiting
 // for input" notices (the process reports them in its own words and run() forwards them);
 // reading new output since the last check, tail and filter views; waiting for any or all of
@@ -2179,7 +2184,7 @@ function taskLine(task: BackgroundTask, width = 0, commandMax = 100): string {
 }
 
 // ---------------------------------------------------------------------------
-// 8. The base tools
+// 9. The base tools
 // Adds: bash, read_file, write_file and edit_file, as in the tutorial's earlier steps, made
 // safe: paths stay in the workspace, only regular files are opened (a FIFO never blocks the
 // loop), files are read in bounded windows, and every input is checked against its schema
@@ -2727,12 +2732,10 @@ function capToolResult(content: string): string {
 }
 
 // ---------------------------------------------------------------------------
-// 9. Models
+// 10. Models
 // Adds: the loop needs only "messages in, reply out". callModel adds what a long session
 // needs: cache breakpoints on the stable prefix, old tool results cleared before the context
-// window fills, usage summed (cache reads and writes too), a limit on model calls. The real
-// model streams through the SDK (loaded lazily), retrying dropped, stalled, overloaded and
-// rate-limited calls; the scripted model plays a script offline for the demo and the tests.
+// window fills, usage summed (cache reads and writes too), a limit on model calls.
 // ---------------------------------------------------------------------------
 
 /** The most tokens one reply may have. */
@@ -3182,6 +3185,13 @@ async function untilAborted<T>(promise: Promise<T>, signal?: AbortSignal): Promi
   }
 }
 
+// ---------------------------------------------------------------------------
+// 11. The Claude API, and a scripted model
+// Adds: the real model, streaming through the SDK (loaded lazily), retrying dropped, stalled,
+// overloaded and rate-limited calls, each failure said in one line; and the scripted model,
+// which plays a script offline for the demo and the tests.
+// ---------------------------------------------------------------------------
+
 type Sdk = typeof import("@anthropic-ai/sdk");
 let sdk: Promise<Sdk> | null = null;
 
@@ -3432,7 +3442,7 @@ async function interruptibleSleep(ms: number, signal?: AbortSignal): Promise<voi
 }
 
 // ---------------------------------------------------------------------------
-// 10. The offline demo
+// 12. The offline demo
 // Adds: without an API key, a scripted model (clearly labelled, not Claude) plays the
 // tutorial's "try it" prompts through the real loop, real processes and real notifications,
 // and then a dev server that becomes ready. A first reading may skip this section.
@@ -3627,10 +3637,10 @@ function unquote(text: string): string {
 }
 
 // ---------------------------------------------------------------------------
-// 11. The command line
+// 13. The command line
 // Adds: the options (those the Claude Agent SDK passes among them), the configuration and the
 // .env policy, Deno's permissions asked up front, and main(), which picks the front-end: a
-// one-shot run, the stream session (section 17) or the REPL (13). One rule for streams: the
+// one-shot run, the stream session (section 19) or the REPL (15). One rule for streams: the
 // answer (and JSON) on stdout, everything else on stderr.
 // ---------------------------------------------------------------------------
 
@@ -4279,7 +4289,7 @@ function takeOwnership(keepLogs: boolean, cleanups: Array<() => void>): LogFolde
 }
 
 // ---------------------------------------------------------------------------
-// 12. One session, several front-ends
+// 14. One session, several front-ends
 // Adds: what every front-end shares: one Session (the model, the tasks, the history, the
 // transcript), the foreground that hears Ctrl-C and sees task events, a turn run to its end
 // (a one-shot run, the end of piped input) with one result, and one way out that ends every
@@ -4609,7 +4619,7 @@ function wrapperParents(parent: number): number[] {
 }
 
 // ---------------------------------------------------------------------------
-// 13. The terminal
+// 15. The terminal
 // Adds: the front-end a person sees: tool lines and previews, live notices above the prompt,
 // the REPL (it wakes the model when a task reports; Ctrl+B hands a command to the background),
 // the slash commands, and the demo's playback.
@@ -5098,7 +5108,7 @@ function forgetDrawnPromptRows(rl: readline.Interface): void {
 }
 
 // ---------------------------------------------------------------------------
-// 14. Sessions that last
+// 16. Sessions that last
 // Adds: a transcript of every session, so a conversation can be resumed (--continue,
 // --resume ID, /resume) after the terminal closed or the agent died. It is JSON Lines in the
 // user's state folder ($XDG_STATE_HOME or ~/.local/state, s08-agent/<workspace>/<id>.jsonl;
@@ -5453,12 +5463,12 @@ function resumeInto(session: Session, file: string): LoadedSession {
 }
 
 // ---------------------------------------------------------------------------
-// 15. The stream's messages
+// 17. The stream's messages
 // Adds: what the Claude Agent SDK's query() reads from the executable it spawns: its messages
 // (system/init, assistant, user, stream_event, one result per turn) and the background tasks
 // as its task events. Where Claude Code says less, extra fields say more: a task's exit code,
 // state and output preview at its end. `-p --output-format stream-json` and the stream session
-// (section 17) write them through one StreamWriter.
+// (section 19) write them through one StreamWriter.
 // ---------------------------------------------------------------------------
 
 /** Writes one JSON object per line on stdout, as it happens. */
@@ -5757,7 +5767,7 @@ class StreamWriter {
 }
 
 // ---------------------------------------------------------------------------
-// 16. Permissions
+// 18. Permissions
 // Adds: what --allowedTools, --disallowedTools, --permission-mode and the SDK's canUseTool
 // (--permission-prompt-tool stdio) let a tool call do: run, be refused with a reason, or be
 // put to the client. With none of them given, every tool runs, as it always has.
@@ -5849,7 +5859,7 @@ async function decide(
 }
 
 // ---------------------------------------------------------------------------
-// 17. The stream session
+// 19. The stream session
 // Adds: --input-format stream-json, the session a program drives: user messages and control
 // requests on stdin, one turn at a time, each ended by its result; an idle session woken by
 // its tasks; the controls answered; can_use_tool asked; end of input and signals handled.
