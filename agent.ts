@@ -375,6 +375,9 @@ import * as vm from "node:vm";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import type { RE2JS } from "re2js";
 
+/** require() for the packages loaded when first needed (re2js; the SDK under Node). */
+const requireFromHere = nodeModule.createRequire(import.meta.url);
+
 // ---------------------------------------------------------------------------
 // 5. Processes
 // Adds: a command runs through bash in a session and process group of its own, so a timeout
@@ -924,7 +927,8 @@ export class OutputBuffer {
   /** Every byte printed. */
   totalBytes = 0;
 
-  private headLimit: number;
+  private readonly headLimit: number;
+
   /** Keeps `headLimit` bytes of the start and `tailLimit` of the end. */
   constructor(headLimit = OUTPUT_HEAD_BYTES, tailLimit = OUTPUT_TAIL_BYTES) {
     this.headLimit = headLimit;
@@ -1015,8 +1019,7 @@ let collectGarbage: ((options?: object) => void) | null | undefined; // undefine
  * the collector run soon: a read leaves a few bytes on the heap and 64 KB outside it. Under a
  * flood (16 x `yes`) the dead reads pile up: on Node 60-90 MB, until its external-memory limit
  * starts a full collection; on Deno past 1 GB (the bare runtimes do the same). So, every few
- * MB read, a collection is asked for.
- * Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
+ * MB read, a collection is asked for. Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
  * always a full one (6 ms or more), so it mostly gets a 1 MB allocation it does see, which
  * makes it collect, and a full collection every 256 MB. RSS stays flat: BENCH.md, figure 8.
  */
@@ -1034,8 +1037,8 @@ function collectPipeReads(bytes: number): void {
 function findGarbageCollector(): ((options?: object) => void) | null {
   try {
     v8.setFlagsFromString("--expose-gc");
-    const gc = vm.runInNewContext("gc") as unknown;
-    return typeof gc === "function" ? (options?: object) => gc(options) : null;
+    const gc: unknown = vm.runInNewContext("gc");
+    return typeof gc === "function" ? gc as (options?: object) => void : null;
   } catch {
     return null; // a runtime without it: the reads wait for the ordinary collections
   }
@@ -1151,7 +1154,7 @@ export class TaskLog {
   readonly file: string;
   /** The most the file holds. */
   readonly cap: number;
-  private folder?: LogFolder;
+  private readonly folder?: LogFolder;
 
   /** A log at `file`, at most `cap` bytes; nothing is created before the first write. */
   constructor(file: string, cap = LOG_CAP_BYTES, folder?: LogFolder) {
@@ -1645,7 +1648,7 @@ let re2js: typeof import("re2js") | null = null;
 
 /** re2js, loaded with the first pattern rather than at start (20 ms less to the first prompt). */
 function loadRe2js(): typeof import("re2js") {
-  re2js ??= nodeModule.createRequire(import.meta.url)("re2js") as typeof import("re2js");
+  re2js ??= requireFromHere("re2js") as typeof import("re2js");
   return re2js;
 }
 
@@ -1692,7 +1695,8 @@ class LineScanner {
   private cutCharacter = NO_BYTES; // the start of a character the last chunk cut off
   private partial = ""; // the line being printed: its first MAX_SCANNED_LINE characters
 
-  private pattern: SafePattern;
+  private readonly pattern: SafePattern;
+
   constructor(pattern: SafePattern) {
     this.pattern = pattern;
   }
@@ -1746,8 +1750,9 @@ class IdleWatcher {
   private stopped = false;
   private lastOutputAt = Date.now();
 
-  private ms: number;
-  private check: () => void;
+  private readonly ms: number;
+  private readonly check: () => void;
+
   constructor(ms: number, check: () => void) {
     this.ms = ms;
     this.check = check;
@@ -1786,9 +1791,10 @@ class OutputWatchers {
   private idle: IdleWatcher[] = [];
   private asked = false; // a question is named once per task
 
-  private say: NonNullable<ShellOptions["onEvent"]>;
+  private readonly say: NonNullable<ShellOptions["onEvent"]>;
 
-  private proc: ShellProcess;
+  private readonly proc: ShellProcess;
+
   constructor(proc: ShellProcess, options: ShellOptions) {
     this.proc = proc;
     const say = this.say = options.onEvent!;
@@ -1857,7 +1863,8 @@ class WatchReport {
   private lastHeld = "";
   private timer: ReturnType<typeof setTimeout> | null = null;
 
-  private say: NonNullable<ShellOptions["onEvent"]>;
+  private readonly say: NonNullable<ShellOptions["onEvent"]>;
+
   constructor(say: NonNullable<ShellOptions["onEvent"]>) {
     this.say = say;
   }
@@ -2921,7 +2928,7 @@ export class InterruptedError extends Error {
 export class MaxTurnsError extends Error {
   /** The limit that was reached. */
   readonly maxTurns: number;
-  /** `maxTurns`: the limit that was reached. */
+  /** The run stopped at `maxTurns` model calls. */
   constructor(maxTurns: number) {
     super(`stopped after ${maxTurns} model calls (--max-turns)`);
     this.maxTurns = maxTurns;
@@ -3201,31 +3208,34 @@ let sdk: Promise<Sdk> | null = null;
  * compiles the ESM build's ~390 files one by one, which costs about a second more.
  */
 function loadSdk(): Promise<Sdk> {
-  sdk ??= isDeno ? import("@anthropic-ai/sdk") : import("node:module").then((module) => {
-    // Node 22.1+ keeps compiled code on disk between runs: the SDK's files load faster the
-    // second time. In a private folder of this user's (the default is the shared temp
-    // folder, where another user could plant one). Older Node has no such cache.
-    const withCache = module as { enableCompileCache?: (dir: string) => unknown };
-    if (withCache.enableCompileCache) {
-      const cacheHome = process.env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache");
-      const dir = path.join(cacheHome, "s08-agent-compile-cache");
-      try {
-        fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-        if (privateFolderProblem(dir, currentUid()) === null) withCache.enableCompileCache(dir);
-      } catch { /* no cache: the same code, loaded a little slower */ }
-    }
-    // tsx turns source maps on, and Node then reads a .map file for each of the SDK's 327
-    // files as it loads them (40 ms and 4 MB at start). Its stack traces are not ours to read.
-    const mapsWereOn = process.sourceMapsEnabled;
-    process.setSourceMapsEnabled(false);
-    try {
-      const required = module.createRequire(import.meta.url)("@anthropic-ai/sdk");
-      return (required.default ? required : { default: required }) as Sdk;
-    } finally {
-      process.setSourceMapsEnabled(mapsWereOn);
-    }
-  });
+  sdk ??= isDeno ? import("@anthropic-ai/sdk") : Promise.resolve().then(requireSdk);
   return sdk;
+}
+
+/** Node: the SDK's CommonJS build, with the compile cache where there is one. */
+function requireSdk(): Sdk {
+  // Node 22.1+ keeps compiled code on disk between runs: the SDK's files load faster the
+  // second time. In a private folder of this user's (the default is the shared temp
+  // folder, where another user could plant one). Older Node has no such cache.
+  const withCache = nodeModule as { enableCompileCache?: (dir: string) => unknown };
+  if (withCache.enableCompileCache) {
+    const cacheHome = process.env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache");
+    const dir = path.join(cacheHome, "s08-agent-compile-cache");
+    try {
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      if (privateFolderProblem(dir, currentUid()) === null) withCache.enableCompileCache(dir);
+    } catch { /* no cache: the same code, loaded a little slower */ }
+  }
+  // tsx turns source maps on, and Node then reads a .map file for each of the SDK's 327
+  // files as it loads them (40 ms and 4 MB at start). Its stack traces are not ours to read.
+  const mapsWereOn = process.sourceMapsEnabled;
+  process.setSourceMapsEnabled(false);
+  try {
+    const required = requireFromHere("@anthropic-ai/sdk");
+    return (required.default ? required : { default: required }) as Sdk;
+  } finally {
+    process.setSourceMapsEnabled(mapsWereOn);
+  }
 }
 
 /** How many times a failed call (dropped, stalled, overloaded, rate-limited) is tried again. */
@@ -3409,8 +3419,9 @@ export class ScriptedModel implements Model {
   name = "scripted";
   /** Every request, as it was when it came. */
   readonly requests: ModelRequest[] = [];
-  private script: ScriptStep[] | ScriptFunction;
-  private options: { recordRequests?: boolean; thinkMs?: number };
+  private readonly script: ScriptStep[] | ScriptFunction;
+  private readonly options: { recordRequests?: boolean; thinkMs?: number };
+
   /** A script: one step per call, or one function for every call. */
   constructor(
     script: ScriptStep[] | ScriptFunction,
@@ -4764,7 +4775,8 @@ class TerminalOutput extends Writable {
   muted = false;
   readonly isTTY = true;
 
-  private target: NodeJS.WriteStream;
+  private readonly target: NodeJS.WriteStream;
+
   constructor(target: NodeJS.WriteStream) {
     super();
     this.target = target;
@@ -4792,9 +4804,10 @@ class Repl {
   private inputClosed = false;
   private turn: AbortController | null = null;
 
-  private session: Session;
-  private wake: boolean;
+  private readonly session: Session;
+  private readonly wake: boolean;
   private ctrlCPressed: boolean;
+
   constructor(session: Session, wake: boolean, ctrlCPressed = false) {
     this.session = session;
     this.wake = wake;
@@ -5594,8 +5607,9 @@ class StreamWriter {
   private runningToolUse: string | null = null;
   private toolUseOf = new Map<string, string | null>();
 
-  private session: Session;
-  private partial: boolean;
+  private readonly session: Session;
+  private readonly partial: boolean;
+
   /** `partial`: --include-partial-messages, the model's text as it streams (stream_event). */
   constructor(session: Session, partial = false) {
     this.session = session;
@@ -5883,9 +5897,10 @@ class StreamSession {
   private pendingAnswers = new Map<string, (answer: Record<string, unknown>) => void>();
   private readonly writer: StreamWriter;
 
-  private session: Session;
-  private rules: PermissionRules;
-  private options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean };
+  private readonly session: Session;
+  private readonly rules: PermissionRules;
+  private readonly options: { wake: boolean; maxBudgetUsd: number | null; partial: boolean };
+
   constructor(
     session: Session,
     rules: PermissionRules,
