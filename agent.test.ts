@@ -673,7 +673,13 @@ function startAgentInTmux(
   const command = options.command ?? agentCommand(args);
   const inner =
     `cd '${options.cwd}' && env -i ${envWords} ${command}; echo $? > '${exitFile}'; sleep 60`;
-  const started = spawnSync("tmux", [
+  // A tmux server of its own, its socket in the test folder: on a shared server, a session
+  // killed as the last one ends it while another test's new-session is connecting ("server
+  // exited unexpectedly").
+  const socket = path.join(testRoot, `${session}.sock`);
+  const tmux = (...tmuxArgs: string[]) =>
+    spawnSync("tmux", ["-S", socket, "-f", "/dev/null", ...tmuxArgs], { encoding: "utf8" });
+  const started = tmux(
     "new-session",
     "-d",
     "-s",
@@ -683,20 +689,24 @@ function startAgentInTmux(
     "-y",
     "40",
     inner,
-  ]);
-  assert.equal(started.status, 0, String(started.stderr));
-  const tmux = (...tmuxArgs: string[]) => spawnSync("tmux", tmuxArgs, { encoding: "utf8" });
+  );
+  assert.equal(started.status, 0, started.stderr);
   const panePid = Number(tmux("display-message", "-p", "-t", session, "#{pane_pid}").stdout);
-  const control = tmuxControl(session);
+  const control = tmuxControl(socket, session);
   /** Closes the terminal and waits until everything that ran in it has ended. */
   const kill = async () => {
-    tmux("kill-session", "-t", session);
+    tmux("kill-server");
     control.close();
     const gone = () => !isAlive(panePid) && members(panePid, "session").length === 0;
     await eventually(gone, "the terminal's processes to end");
   };
   closers.push(kill);
   const sendKeys = (...keys: string[]) => control.send(`send-keys -t ${session} ${keys.join(" ")}`);
+  /** The command's exit code, once the shell has written all of it. */
+  const exitCode = () => {
+    const written = fs.existsSync(exitFile) ? fs.readFileSync(exitFile, "utf8") : "";
+    return /^\d+\n$/.test(written) ? Number(written) : null;
+  };
   return {
     type: (text: string) => sendKeys("-l", tmuxQuote(text)),
     /** Types a line and presses Enter. */
@@ -707,7 +717,12 @@ function startAgentInTmux(
     key: (name: string) => sendKeys(name),
     screen: () => control.screen().replace(/\s+$/, ""),
     lines: () => control.joinedRows().split("\n").map((l) => l.trimEnd()),
-    exitCode: () => (fs.existsSync(exitFile) ? Number(fs.readFileSync(exitFile, "utf8")) : null),
+    exitCode,
+    /** Waits for the command to exit, then for a screen that shows all it printed. */
+    exited: async () => {
+      await eventually(() => exitCode() !== null, "the exit");
+      await control.refresh();
+    },
     kill,
   };
 }
@@ -724,8 +739,8 @@ function tmuxQuote(text: string): string {
  * again after each %output, so screen() reads the newest capture and spawns nothing: here a
  * spawn holds this process for 10 to 40 ms, and every other test waits meanwhile.
  */
-function tmuxControl(session: string) {
-  const client = spawn("tmux", ["-C", "attach-session", "-t", session], {
+function tmuxControl(socket: string, session: string) {
+  const client = spawn("tmux", ["-S", socket, "-C", "attach-session", "-t", session], {
     stdio: ["pipe", "pipe", "ignore"],
   });
   client.stdin.on("error", () => {}); // the session may be gone first
@@ -775,6 +790,14 @@ function tmuxControl(session: string) {
   void capture();
   return {
     send,
+    /** Captures the screen once more, after everything the pane printed before this call. */
+    refresh: async () => {
+      const [screen, joinedRows] = await Promise.all([
+        ask(`capture-pane -p -t ${session}`),
+        ask(`capture-pane -p -J -t ${session}`),
+      ]);
+      captured = { screen, joinedRows };
+    },
     screen: () => captured.screen,
     joinedRows: () => captured.joinedRows,
     close: () => client.stdin.end(),
@@ -4431,7 +4454,7 @@ section("8–9. The offline demo and the command line", 5, () => {
           );
           agent.key("C-u");
           agent.submit("exit");
-          await eventually(() => agent.exitCode() !== null, "the exit");
+          await agent.exited();
           assert.equal(agent.exitCode(), 0);
           await agent.kill();
         } finally {
@@ -4458,7 +4481,7 @@ section("8–9. The offline demo and the command line", 5, () => {
             columns,
             env: api.env,
           });
-          await eventually(() => agent.exitCode() !== null, "the exit");
+          await agent.exited();
           assert.equal(agent.exitCode(), 0);
           const rows = agent.screen().split("\n");
           const first = rows.findIndex((row) => row.startsWith("Lorem"));
@@ -4513,7 +4536,7 @@ section("8–9. The offline demo and the command line", 5, () => {
         agent.submit("/help");
         await eventually(() => agent.screen().includes("Ctrl+B "), "/help says so");
         agent.submit("exit");
-        await eventually(() => agent.exitCode() !== null, "the exit");
+        await agent.exited();
         assert.equal(agent.exitCode(), 0);
         await agent.kill();
       } finally {
@@ -4572,7 +4595,7 @@ section("8–9. The offline demo and the command line", 5, () => {
           "the quit hint",
         );
         agent.key("C-c");
-        await eventually(() => agent.exitCode() !== null, "the exit");
+        await agent.exited();
         assert.equal(agent.exitCode(), 130);
         const lines = agent.lines();
         assert.ok(
@@ -4607,7 +4630,7 @@ section("8–9. The offline demo and the command line", 5, () => {
         "typed text is not glued to the spinner",
       );
       agent.submit("exit");
-      await eventually(() => agent.exitCode() !== null, "the exit");
+      await agent.exited();
       await agent.kill();
     },
   );
@@ -4641,7 +4664,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       agent.key("C-c");
       await eventually(() => agent.screen().includes("Ctrl-C again"), "the hint");
       agent.key("C-c");
-      await eventually(() => agent.exitCode() !== null, "the exit");
+      await agent.exited();
       assert.equal(agent.exitCode(), 130);
       assert.equal(fs.existsSync(demoDir), false);
       await agent.kill();
@@ -4712,7 +4735,7 @@ section("8–9. The offline demo and the command line", 5, () => {
       agent.key("C-c");
       await eventually(() => agent.screen().includes("(demo skipped"), "the skip");
       agent.key("C-c");
-      await eventually(() => agent.exitCode() !== null, "the exit");
+      await agent.exited();
       await agent.kill();
     },
   );
