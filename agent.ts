@@ -3205,7 +3205,8 @@ let sdk: Promise<Sdk> | null = null;
 /**
  * Loads the SDK once, when first needed (so --help, the demo and the REPL's first prompt do
  * not wait for it). Under Node it takes the SDK's CommonJS build through require(): tsx
- * compiles the ESM build's ~390 files one by one, which costs about a second more.
+ * compiles the ESM build's ~390 files one by one, which costs about a second more. (`npm
+ * start` registers only tsx's ESM loader, so this require() is Node's own, unhooked.)
  */
 function loadSdk(): Promise<Sdk> {
   sdk ??= isDeno ? import("@anthropic-ai/sdk") : Promise.resolve().then(requireSdk);

@@ -552,9 +552,12 @@ function denoBinary(): string {
 }
 const tsx = path.join(repoDir, "node_modules", ".bin", "tsx");
 const runner = isDeno ? [denoBinary(), "run", "-A"] : [tsx];
-/** tsx's loader as a file URL: `--import tsx` would resolve from the bench's temp folder. */
+/**
+ * tsx's ESM loader as a file URL, as `npm start` imports it (`--import tsx/esm` would resolve
+ * from the bench's temp folder).
+ */
 const tsxLoader =
-  pathToFileURL(path.join(repoDir, "node_modules", "tsx", "dist", "loader.mjs")).href;
+  pathToFileURL(path.join(repoDir, "node_modules", "tsx", "dist", "esm", "index.mjs")).href;
 
 /** Milliseconds from spawning `command` in a terminal (util-linux script) until `text` shows. */
 function timeUntilShown(
@@ -766,7 +769,7 @@ async function streamingThroughCli(): Promise<void> {
       'for (let i = 0; i < 16; i++) spawn("yes", [], { stdio: ["ignore", "pipe", "ignore"] })' +
       '.stdout!.on("data", () => {});\nprocess.on("SIGTERM", () => process.exit(0));\n',
   });
-  // Node runs as `npm start` does (node --import tsx), so the sampled pid is the agent itself.
+  // Node runs as `npm start` does (node --import tsx/esm), so the sampled pid is the agent itself.
   const agentRunner = isDeno ? runner : [process.execPath, "--import", tsxLoader];
   const run = (command: string[], waitForRequest: boolean) => {
     requests = 0;
