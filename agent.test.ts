@@ -1200,23 +1200,29 @@ section("3. The background tools", 4, () => {
     const queued = bg.drain();
     const watched = queued.filter((n) => n.kind === "watch");
     assert.ok(watched.length <= 12, `the queue stays small: ${watched.length}`);
-    const told = watched.filter((n) => !/more matching lines/.test(n.text));
+    const told = watched.filter((n) => n.lines === undefined);
     assert.deepEqual(told.map((n) => n.text), told.map((_, i) => `watch: FAIL test_${i + 1}`));
-    const counted = watched.map((n) => Number(n.text.match(/^watch: (\d+) more/)?.[1] ?? 0));
-    assert.equal(told.length + counted.reduce((a, b) => a + b, 0), 1000, "every line counted");
+    const summed = watched.filter((n) => n.lines !== undefined);
+    for (const n of summed) assert.match(n.text, new RegExp(`^watch: ${n.lines} more matching`));
+    const counted = summed.reduce((sum, n) => sum + n.lines!, 0);
+    assert.equal(told.length + counted, 1000, "every line counted");
     assert.equal(queued.at(-1)!.kind, "ended", "the end comes last");
     const block = formatBackgroundResults(queued);
     assert.ok(block.split("\n").length <= 2 + 12, "one bounded block");
     assert.match(block, /\[bg:\w{8}\] watch: FAIL test_1\n/);
-    // Many notices for one task within a block: the first ten, then how many more.
+    // Many notices for one task within a block: the first ten, then how many more. A task's
+    // own line that reads like a count ("5000 more matching lines") is one line, not 5000.
     const many = Array.from({ length: 30 }, (_, i) => ({
       taskId: id,
       kind: "watch" as const,
-      text: `watch: FAIL t${i}`,
+      text: i === 25 ? "watch: 5000 more matching lines" : `watch: FAIL t${i}`,
     }));
     const lines = formatBackgroundResults(many).split("\n").slice(1, -1);
     assert.equal(lines.length, 11);
     assert.match(lines[10], /watch: 20 more matching lines/);
+    const withBurst = [...many.slice(0, 10), { ...summed[0], taskId: id }];
+    const burstLines = formatBackgroundResults(withBurst).split("\n").slice(1, -1);
+    assert.match(burstLines[10], new RegExp(`watch: ${summed[0].lines} more matching lines`));
   });
 
   test("tools: a quiet task is noticed once, and again only after it printed again", async () => {

@@ -84,6 +84,8 @@ export interface Notification {
   /** The task it is about. */ taskId: string;
   /** What happened. */ kind: "ended" | "ready" | "quiet" | "input" | "watch";
   /** In the process's own words: "completed (exit 0, 5.0s): done". */ text: string;
+  /** watch: how many matching lines it stands for, when a burst was summed up (default 1). */
+  lines?: number;
 }
 
 /** Limits, task logs, and callbacks for a user interface that shows tasks as they change. */
@@ -130,7 +132,8 @@ export class BackgroundManager {
     let id = crypto.randomUUID().slice(0, 8); // 8 random lowercase hex characters
     while (this.tasks.has(id)) id = crypto.randomUUID().slice(0, 8);
     const log = this.options.logs?.open(id);
-    const onEvent = (kind: Notification["kind"], text: string) => this.notify(id, kind, text);
+    const onEvent = (kind: Notification["kind"], text: string, lines?: number) =>
+      this.notify({ taskId: id, kind, text, ...(lines ? { lines } : {}) });
     const shell = typeof command === "string"
       ? new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent })
       : command.keepLog(log); // what it printed so far goes into the log first
@@ -162,17 +165,16 @@ export class BackgroundManager {
   }
 
   /** Queues a notification and wakes whoever waits for one. */
-  private notify(id: string, kind: Notification["kind"], text: string): void {
-    const notification = { taskId: id, kind, text };
+  private notify(notification: Notification): void {
     this.queue.push(notification);
     for (const wake of this.wakeUps.splice(0)) wake();
-    this.options.onNotification?.(notification, this.tasks.get(id)!);
+    this.options.onNotification?.(notification, this.tasks.get(notification.taskId)!);
   }
 
   /** Runs once per task, when its process has ended: the one "ended" notification. */
   private finish(id: string): void {
     const task = this.tasks.get(id)!;
-    this.notify(id, "ended", endReport(task.process));
+    this.notify({ taskId: id, kind: "ended", text: endReport(task.process) });
     this.retention.finished(task, this.options.keepOutputOf);
   }
 }
@@ -423,7 +425,7 @@ export interface ShellOptions {
   /** Seconds without output before "quiet" (default 60 when someone listens; 0: off). */
   quietAfterSec?: number;
   /** The process reports what it noticed, in its own words. */
-  onEvent?: (kind: "ready" | "quiet" | "input" | "watch", text: string) => void;
+  onEvent?: (kind: "ready" | "quiet" | "input" | "watch", text: string, lines?: number) => void;
   /** Every output line that matches is reported ("watch: FAIL test_upload"), a burst bounded. */
   watch?: SafePattern | null;
 }
@@ -1889,7 +1891,8 @@ class WatchReport {
     this.timer = null;
     this.toldThisSecond = 0;
     if (this.held === 0) return;
-    this.say("watch", `watch: ${this.held} more matching lines (the last: ${this.lastHeld})`);
+    const text = `watch: ${this.held} more matching lines (the last: ${this.lastHeld})`;
+    this.say("watch", text, this.held);
     this.held = 0;
   }
 }
@@ -2126,16 +2129,17 @@ function boundWatchLines(notifications: Notification[]): Notification[] {
     }
     const count = (seen.get(n.taskId) ?? 0) + 1;
     seen.set(n.taskId, count);
-    const extra = Number(n.text.match(/^watch: (\d+) more matching lines/)?.[1] ?? 1);
-    if (count <= WATCH_LINES_PER_BLOCK && extra === 1) kept.push(n);
+    const lines = n.lines ?? 1; // a count of ours, never read from the output's text
+    if (count <= WATCH_LINES_PER_BLOCK && lines === 1) kept.push(n);
     else {
       let summary = more.get(n.taskId);
       if (!summary) {
-        summary = { taskId: n.taskId, kind: "watch", text: "watch: 0 more matching lines" };
+        summary = { taskId: n.taskId, kind: "watch", text: "", lines: 0 };
         more.set(n.taskId, summary);
         kept.push(summary);
       }
-      const total = Number(summary.text.match(/\d+/)![0]) + extra;
+      const total = (summary.lines ?? 0) + lines;
+      summary.lines = total;
       summary.text =
         `watch: ${total} more matching lines (check_background with filter shows them)`;
     }
