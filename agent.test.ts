@@ -3795,6 +3795,9 @@ section("8–9. The offline demo and the command line", 5, () => {
         "success",
       ]);
       assert.equal(results[1].result, "Heard m-9", "setModel took effect");
+      const inits = run.messages.filter((m) => m.type === "system" && m.subtype === "init");
+      assert.equal(inits.length, results.length, "a system/init for every turn");
+      assert.deepEqual(inits.slice(0, 3).map((m) => m.model === "m-9"), [false, true, true]);
       assert.equal(fs.existsSync(path.join(dir, "touched")), false, "the denied call never ran");
       assert.deepEqual(
         results[2].permission_denials.map((d: { tool_name: string }) => d.tool_name),

@@ -5899,6 +5899,7 @@ class StreamSession {
   private turn: { controller: AbortController; done: Promise<void>; why?: string } | null = null;
   private meter: TurnMeter | null = null;
   private lastEnd: TurnEnd | null = null;
+  private turnsStarted = 0;
   private pendingAnswers = new Map<string, (answer: Record<string, unknown>) => void>();
   private readonly writer: StreamWriter;
 
@@ -6012,6 +6013,9 @@ class StreamSession {
   /** One turn, ended by exactly one result. */
   private async runTurn(content: UserContent | null): Promise<void> {
     const { session } = this;
+    // system/init opens the session and, as Claude Code's does, every later turn: with the
+    // model and permission mode this turn runs with (setModel, setPermissionMode).
+    if (this.turnsStarted++ > 0) this.writer.init(this.rules.mode);
     const controller = new AbortController();
     const meter = new TurnMeter(session.stats);
     let resolveDone!: () => void;
