@@ -133,7 +133,7 @@ export class BackgroundManager {
     while (this.tasks.has(id)) id = crypto.randomUUID().slice(0, 8);
     const log = this.options.logs?.open(id);
     const onEvent = (kind: Notification["kind"], text: string, lines?: number) =>
-      this.notify({ taskId: id, kind, text, ...(lines ? { lines } : {}) });
+      this.notify({ taskId: id, kind, text, lines });
     const shell = typeof command === "string"
       ? new ShellProcess(command, { cwd: this.workdir, log, ...watch, onEvent })
       : command.keepLog(log); // what it printed so far goes into the log first
