@@ -676,7 +676,8 @@ function startAgentInTmux(
   // A tmux server of its own, its socket in the test folder: on a shared server, a session
   // killed as the last one ends it while another test's new-session is connecting ("server
   // exited unexpectedly").
-  const socket = path.join(testRoot, `${session}.sock`);
+  // (A socket's path must fit in 108 bytes: a long TMPDIR puts it in /tmp instead.)
+  const socket = path.join(testRoot.length < 60 ? testRoot : "/tmp", `${session}.sock`);
   const tmux = (...tmuxArgs: string[]) =>
     spawnSync("tmux", ["-S", socket, "-f", "/dev/null", ...tmuxArgs], { encoding: "utf8" });
   const started = tmux(
@@ -696,6 +697,7 @@ function startAgentInTmux(
   /** Closes the terminal and waits until everything that ran in it has ended. */
   const kill = async () => {
     tmux("kill-server");
+    fs.rmSync(socket, { force: true });
     control.close();
     const gone = () => !isAlive(panePid) && members(panePid, "session").length === 0;
     await eventually(gone, "the terminal's processes to end");
