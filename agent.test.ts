@@ -673,10 +673,9 @@ function startAgentInTmux(
   const command = options.command ?? agentCommand(args);
   const inner =
     `cd '${options.cwd}' && env -i ${envWords} ${command}; echo $? > '${exitFile}'; sleep 60`;
-  // A tmux server of its own, its socket in the test folder: on a shared server, a session
-  // killed as the last one ends it while another test's new-session is connecting ("server
-  // exited unexpectedly").
-  // (A socket's path must fit in 108 bytes: a long TMPDIR puts it in /tmp instead.)
+  // A tmux server of its own: on a shared one, a session killed as the last one ends the
+  // server while another test's new-session is connecting ("server exited unexpectedly").
+  // Its socket lives in the test folder, or in /tmp when that path is too long for a socket.
   const socket = path.join(testRoot.length < 60 ? testRoot : "/tmp", `${session}.sock`);
   const tmux = (...tmuxArgs: string[]) =>
     spawnSync("tmux", ["-S", socket, "-f", "/dev/null", ...tmuxArgs], { encoding: "utf8" });
