@@ -676,8 +676,7 @@ async function startup(): Promise<void> {
 
 // 8. Memory while 16 tasks stream output (yes) -----------------------------------------------------
 function streaming(): void {
-  // Sampled every few seconds; the slope is fitted over the second half of the window (the
-  // first half still sees the logs filling up to their caps, which says nothing about a leak).
+  // Sampled every few seconds; flatAndBelow fits the slope over the second half.
   const step = quick ? 1 : 5;
   const marks = Array.from({ length: quick ? 10 : 12 }, (_, i) => (i + 1) * step);
   const arg = [marks.at(-1), ...marks].join(",");
@@ -685,27 +684,43 @@ function streaming(): void {
   const bare: number[] = runProbe("stream-bare", arg).at;
   const limit = isDeno ? 180 : 40; // MB above idle: a collection every few MB of pipe reads
   const half = Math.floor(marks.length / 2);
-  const fit = fitSlope(marks.slice(half), ours.slice(half));
-  const [slope, error] = [fit.slope * 60, fit.standardError * 60]; // MB per minute
-  // Garbage collection makes RSS jump by tens of MB between samples: a slope is "flat" while it
-  // is within one standard error of the allowance, and clearly not once two errors past it.
-  const allowed = Math.max(10, 0.25 * ours.at(-1)!);
+  const memory = flatAndBelow(limit, Math.max(...ours), marks, ours);
   const shown = (values: number[]) => values.filter((_, i) => i % 3 === 2).map((m) => m.toFixed(0));
   rows.push({
     figure:
       `8b. in one process: RSS above idle, 16 tasks streaming yes (logs on), every ${step} s: ${
         shown(ours).join("/")
-      } MB, slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
+      } MB, ${memory.slope}`,
     unit: "MB",
     value: stats(ours.slice(half)),
     floor: {
       label: `reference: bare spawn(), output dropped: ${shown(bare).join("/")} MB`,
       value: stats(bare.slice(half)),
     },
-    target: `< ${limit} MB, flat (second-half slope <= max(10, 25% of the last) MB/min)`,
-    met: Math.max(...ours) < limit && slope - error <= allowed,
-    missedClearly: Math.max(...ours) > limit * NOISE_MARGIN || slope - 2 * error > allowed,
+    ...memory.verdict,
   });
+}
+
+/**
+ * Memory under a flood: the peak below `limit` MB, and flat: the slope of `mb` over `seconds`,
+ * fitted over the second half (the first still sees the logs filling up to their caps, which
+ * says nothing about a leak). Garbage collection makes RSS jump by tens of MB between
+ * samples: a slope is "flat" while it is within one standard error of the allowance, and
+ * clearly not once two errors past it.
+ */
+function flatAndBelow(limit: number, peak: number, seconds: number[], mb: number[]) {
+  const half = Math.floor(seconds.length / 2);
+  const fit = fitSlope(seconds.slice(half), mb.slice(half));
+  const [slope, error] = [fit.slope * 60, fit.standardError * 60]; // MB per minute
+  const allowed = Math.max(10, 0.25 * mb.at(-1)!);
+  return {
+    slope: `slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
+    verdict: {
+      target: `< ${limit} MB, flat (second-half slope <= max(10, 25% of the last) MB/min)`,
+      met: peak < limit && slope - error <= allowed,
+      missedClearly: peak > limit * NOISE_MARGIN || slope - 2 * error > allowed,
+    },
+  };
 }
 
 /** RSS of process `pid` in MB, from /proc (NaN once it is gone). */
@@ -781,12 +796,9 @@ async function streamingThroughCli(): Promise<void> {
   const bare = await run([...agentRunner, floors.paths.reader], false);
   server.close();
   floors.remove();
-  const half = Math.floor(seconds / 2);
-  const marks = ours.perSecond.map((_, i) => i + 1);
-  const fit = fitSlope(marks.slice(half), ours.perSecond.slice(half));
-  const [slope, error] = [fit.slope * 60, fit.standardError * 60];
-  const allowed = Math.max(10, 0.25 * ours.perSecond.at(-1)!);
   const limit = isDeno ? 200 : 120; // MB: the whole process, start-up included
+  const marks = ours.perSecond.map((_, i) => i + 1);
+  const memory = flatAndBelow(limit, ours.peak, marks, ours.perSecond);
   const every = (values: number[]) =>
     values.filter((_, i) => i % Math.max(1, Math.floor(seconds / 6)) === 0).map((mb) =>
       mb.toFixed(0)
@@ -794,16 +806,14 @@ async function streamingThroughCli(): Promise<void> {
   rows.push({
     figure: `8a. peak RSS of the command line, 16 tasks streaming yes for ${seconds} s: ${
       every(ours.perSecond).join("/")
-    } MB, slope ${slope.toFixed(0)} ± ${error.toFixed(0)} MB/min`,
+    } MB, ${memory.slope}`,
     unit: "MB",
     value: stats1(ours.peak),
     floor: {
       label: `reference: a bare script reading 16 x yes: ${every(bare.perSecond).join("/")} MB`,
       value: stats1(bare.peak),
     },
-    target: `< ${limit} MB, flat (second-half slope <= max(10, 25% of the last) MB/min)`,
-    met: ours.peak < limit && slope - error <= allowed,
-    missedClearly: ours.peak > limit * NOISE_MARGIN || slope - 2 * error > allowed,
+    ...memory.verdict,
   });
 }
 
