@@ -1021,9 +1021,10 @@ let collectGarbage: ((options?: object) => void) | null | undefined; // undefine
  * the collector run soon: a read leaves a few bytes on the heap and 64 KB outside it. Under a
  * flood (16 x `yes`) the dead reads pile up: on Node 60-90 MB, until its external-memory limit
  * starts a full collection; on Deno past 1 GB (the bare runtimes do the same). So, every few
- * MB read, a collection is asked for. Node runs a minor one: 0.1 ms, as the young objects are almost all dead. Deno's gc() is
- * always a full one (6 ms or more), so it mostly gets a 1 MB allocation it does see, which
- * makes it collect, and a full collection every 256 MB. RSS stays flat: BENCH.md, figure 8.
+ * MB read, a collection is asked for. Node runs a minor one: 0.1 ms, as the young objects are
+ * almost all dead. Deno's gc() is always a full one (6 ms or more), so it mostly gets a 1 MB
+ * allocation it does see, which makes it collect, and a full collection every 256 MB. RSS
+ * stays flat: BENCH.md, figure 8.
  */
 function collectPipeReads(bytes: number): void {
   bytesSinceCollection += bytes;
@@ -1057,7 +1058,9 @@ class RollingTail {
   private end = 0; // where the next byte goes
   private bytes = 0; // all bytes pushed
 
+  /** The most bytes it keeps. */
   readonly limit: number;
+
   constructor(limit: number) {
     this.limit = limit;
   }
@@ -1321,6 +1324,7 @@ export class LogFolder {
   readonly totalCap: number;
   /** Keep every log (--keep-logs): nothing is removed, not even past the caps. */
   readonly keep: boolean;
+
   /** Logs go in `dir` (made on the first one), each capped, all together capped. */
   constructor(
     dir: string,
@@ -1495,8 +1499,11 @@ class Printer {
   private pendingWord = "";
   private wrapped = false; // the row was opened by a wrap: its leading spaces are dropped
 
+  /** Where it prints. */
   readonly stream: NodeJS.WriteStream;
+  /** Prints nothing (stdout kept for JSON). */
   quiet: boolean;
+
   constructor(stream: NodeJS.WriteStream, quiet = false) {
     this.stream = stream;
     this.quiet = quiet;
@@ -5512,7 +5519,9 @@ class TurnMeter {
   readonly denials: Array<{ tool_name: string; tool_use_id: string; tool_input: unknown }> = [];
   private callStarted = 0;
 
+  /** The session's running totals, which the turn's are measured against. */
   readonly stats: LoopStats;
+
   constructor(stats: LoopStats) {
     this.stats = stats;
     this.callsBefore = stats.modelCalls;
