@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as http from "node:http";
+import * as net from "node:net";
 import type { AddressInfo } from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -632,6 +633,21 @@ function startStreamAgent(cwd: string, env: Record<string, string>, more: string
 function agentCommand(args: string[]): string {
   const quote = (word: string) => `'${word.replace(/'/g, "'\\''")}'`;
   return [process.execPath, ...runtimeArgs, ...args].map(quote).join(" ");
+}
+
+/**
+ * A port below 1024 that refuses connections on 127.0.0.1: listen(0) never hands one out.
+ * From 1000: fetch refuses to use many lower ones (its "bad ports") before connecting.
+ */
+async function refusedPort(): Promise<number> {
+  const refuses = (port: number) =>
+    new Promise<boolean>((resolve) => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.on("connect", () => (socket.destroy(), resolve(false)));
+      socket.on("error", (err: NodeJS.ErrnoException) => resolve(err.code === "ECONNREFUSED"));
+    });
+  for (let port = 1000; port < 1024; port++) if (await refuses(port)) return port;
+  throw new Error("every port from 1000 to 1023 answers");
 }
 
 /** Runs a bash command line without blocking this process (the fake API lives here). */
@@ -4062,18 +4078,18 @@ section("8–9. The offline demo and the command line", 5, () => {
     }).exited;
     assert.equal(notUrl.code, 2);
     assert.equal(notUrl.stderr, 'error: ANTHROPIC_BASE_URL is not an http(s) URL: "notaurl"\n');
-    // A port nothing listens on: a server that was there and is gone.
-    const gone = await startFakeApi(() => scriptedReply("unused"));
-    await gone.close();
+    // A port nothing listens on, below the ephemeral range: a port a closed server left would
+    // be handed to another test's server while the agent retries.
+    const port = await refusedPort();
+    const url = `http://127.0.0.1:${port}`;
     const refused = await startAgent(["-p", "hi", "--json"], {
       cwd: workspace(),
-      env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: gone.url },
+      env: { ANTHROPIC_API_KEY: "k", ANTHROPIC_BASE_URL: url },
     }).exited;
-    const port = new URL(gone.url).port;
     assert.match(
       JSON.parse(refused.stdout).result,
       new RegExp(
-        `^cannot reach the API at ${gone.url}: connection refused: nothing listens on port ${port} \\(tried 4 times\\)$`,
+        `^cannot reach the API at ${url}: connection refused: nothing listens on port ${port} \\(tried 4 times\\)$`,
       ),
     );
     const dns = Object.assign(new Error("Connection error."), {
